@@ -1,0 +1,258 @@
+"""BiSeNet (Yu et al., ECCV 2018) with a ResNet-18 or ResNet-101 context path.
+
+Numerically the same network as the old course repository (itself derived from
+ooooverflow/BiSeNet), so its checkpoints load through ``model.loading``; only the attribute names
+differ (ours are listed in ``model.loading``'s conversion table). Shapes in comments use
+B = batch, K = classes, H x W = input size.
+"""
+import logging
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from dataset.labels import NUM_CLASSES
+from utils.checkpoint import CheckpointError, load_checkpoint_file
+
+logger = logging.getLogger(__name__)
+
+CONTEXT_PATHS = ("resnet18", "resnet101")
+PRETRAINED_CHOICES = ("none", "imagenet")  # or a path to a torchvision ResNet state_dict
+
+SPATIAL_CHANNELS = (64, 128, 256)  # spatial path widths; each block halves the resolution
+# Channels of the context path's 1/16 (layer3) and 1/32 (layer4) features.
+CONTEXT_CHANNELS = {"resnet18": (256, 512), "resnet101": (1024, 2048)}
+# Input channels of the feature fusion module: spatial + 1/16 + 1/32 features
+# (1024 for ResNet-18, 3328 for ResNet-101). ``model.loading`` infers the backbone from it.
+FFM_IN_CHANNELS = {name: SPATIAL_CHANNELS[-1] + sum(c) for name, c in CONTEXT_CHANNELS.items()}
+
+_TRUNKS = {"resnet18": torchvision.models.resnet18, "resnet101": torchvision.models.resnet101}
+_IMAGENET_WEIGHTS = {
+    "resnet18": torchvision.models.ResNet18_Weights.IMAGENET1K_V1,
+    "resnet101": torchvision.models.ResNet101_Weights.IMAGENET1K_V1,
+}
+# torchvision's ImageNet classifier; BiSeNet has no use for it.
+_TRUNK_CLASSIFIER_PREFIX = "fc."
+
+
+def check_context_path(context_path):
+    """Raise ValueError naming the valid choices unless ``context_path`` is one of CONTEXT_PATHS."""
+    if context_path not in CONTEXT_PATHS:
+        raise ValueError(f"unknown context path {context_path!r}; expected one of {CONTEXT_PATHS}")
+
+
+class BilinearResize(nn.Module):
+    """Bilinear resize (align_corners=False) to a size given at call time.
+
+    A module rather than a bare ``F.interpolate`` so FLOP counters (thop) can see it: the
+    project's complexity table counts bilinear upsampling like ``nn.Upsample`` does.
+    """
+
+    mode = "bilinear"  # read by thop's upsample counter
+
+    def forward(self, x, size):
+        return F.interpolate(x, size=tuple(size), mode=self.mode, align_corners=False)
+
+
+class ConvBNReLU(nn.Sequential):
+    """conv (no bias: the BatchNorm right after makes it redundant) + BatchNorm + ReLU."""
+
+    def __init__(self, in_channels, out_channels, kernel_size=3, stride=1, padding=1):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, bias=False)
+        self.bn = nn.BatchNorm2d(out_channels)
+        self.relu = nn.ReLU(inplace=True)
+
+
+class SpatialPath(nn.Sequential):
+    """Three stride-2 ConvBNReLU blocks: (B, 3, H, W) -> (B, 256, H/8, W/8)."""
+
+    def __init__(self, in_channels=3, widths=SPATIAL_CHANNELS):
+        super().__init__()
+        for index, out_channels in enumerate(widths, start=1):
+            self.add_module(f"block{index}", ConvBNReLU(in_channels, out_channels, stride=2))
+            in_channels = out_channels
+
+
+class ContextPath(nn.Module):
+    """A torchvision ResNet trunk without its classifier, returning the 1/16 and 1/32 features.
+
+    The trunk's modules are attributes of this module under torchvision's own names, so a
+    torchvision ResNet state_dict (minus ``fc.*``) loads into it directly.
+    """
+
+    def __init__(self, name="resnet18"):
+        super().__init__()
+        check_context_path(name)
+        trunk = _TRUNKS[name](weights=None)
+        self.conv1, self.bn1, self.relu, self.maxpool = trunk.conv1, trunk.bn1, trunk.relu, trunk.maxpool
+        self.layer1, self.layer2, self.layer3, self.layer4 = trunk.layer1, trunk.layer2, trunk.layer3, trunk.layer4
+
+    def forward(self, x):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))  # (B, 64, H/4, W/4)
+        x = self.layer2(self.layer1(x))                         # (B, C8, H/8, W/8)
+        feat16 = self.layer3(x)                                 # (B, C16, H/16, W/16)
+        feat32 = self.layer4(feat16)                            # (B, C32, H/32, W/32)
+        # Global average pool as two means (width, then height), exactly as the course code
+        # computes it, so results match its checkpoints bit for bit.
+        tail = feat32.mean(dim=3, keepdim=True).mean(dim=2, keepdim=True)  # (B, C32, 1, 1)
+        return feat16, feat32, tail
+
+
+class AttentionRefinementModule(nn.Module):
+    """Channel attention: x * sigmoid(BN(conv1x1(global_avg_pool(x)))); shape preserved.
+
+    The BatchNorm acts on a (B, C, 1, 1) tensor, so in training mode it needs B > 1.
+    """
+
+    def __init__(self, channels):
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.conv = nn.Conv2d(channels, channels, kernel_size=1)
+        self.bn = nn.BatchNorm2d(channels)
+
+    def forward(self, x):
+        attention = torch.sigmoid(self.bn(self.conv(self.pool(x))))  # (B, C, 1, 1)
+        return x * attention
+
+
+class FeatureFusionModule(nn.Module):
+    """Fuse spatial and context features into class scores with a residual channel attention.
+
+    (B, Cs, h, w) + (B, Cc, h, w) -> concat -> ConvBNReLU -> (B, K, h, w) = f;
+    out = f * sigmoid(conv2(relu(conv1(avg_pool(f))))) + f.
+    """
+
+    def __init__(self, in_channels, num_classes):
+        super().__init__()
+        self.fuse = ConvBNReLU(in_channels, num_classes, stride=1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.attn_conv1 = nn.Conv2d(num_classes, num_classes, kernel_size=1)
+        self.relu = nn.ReLU(inplace=True)
+        self.attn_conv2 = nn.Conv2d(num_classes, num_classes, kernel_size=1)
+
+    def forward(self, spatial, context):
+        features = self.fuse(torch.cat((spatial, context), dim=1))  # (B, K, h, w)
+        attention = self.relu(self.attn_conv1(self.pool(features)))   # (B, K, 1, 1)
+        attention = torch.sigmoid(self.attn_conv2(attention))         # (B, K, 1, 1)
+        return features * attention + features
+
+
+def _init_weights(module):
+    # The course's initialisation of everything outside the (separately initialised) trunk.
+    if isinstance(module, nn.Conv2d):
+        nn.init.kaiming_normal_(module.weight, mode="fan_in", nonlinearity="relu")
+    elif isinstance(module, nn.BatchNorm2d):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+class BiSeNet(nn.Module):
+    """BiSeNet: ``forward`` returns (main, aux16, aux32) logits in training mode, main in eval.
+
+    All outputs are (B, K, H, W) for a (B, 3, H, W) input of any size.
+    """
+
+    def __init__(self, num_classes=NUM_CLASSES, context_path="resnet18"):
+        super().__init__()
+        check_context_path(context_path)
+        self.num_classes = num_classes
+        self.context_path_name = context_path
+        channels16, channels32 = CONTEXT_CHANNELS[context_path]
+
+        self.spatial_path = SpatialPath()
+        self.context_path = ContextPath(context_path)
+        self.arm16 = AttentionRefinementModule(channels16)
+        self.arm32 = AttentionRefinementModule(channels32)
+        # Auxiliary heads (deep supervision of the context path), used in training only.
+        self.aux_head16 = nn.Conv2d(channels16, num_classes, kernel_size=1)
+        self.aux_head32 = nn.Conv2d(channels32, num_classes, kernel_size=1)
+        self.ffm = FeatureFusionModule(FFM_IN_CHANNELS[context_path], num_classes)
+        self.classifier = nn.Conv2d(num_classes, num_classes, kernel_size=1)
+        self.resize = BilinearResize()
+
+        for child in self.children():
+            if child is not self.context_path:  # the trunk keeps torchvision's initialisation
+                child.apply(_init_weights)
+
+    def forward(self, x):
+        input_size = x.shape[-2:]
+        spatial = self.spatial_path(x)                    # (B, 256, H/8, W/8)
+        feat16, feat32, tail = self.context_path(x)       # (B, C16, H/16, W/16), (B, C32, H/32, W/32), (B, C32, 1, 1)
+        feat16 = self.arm16(feat16)
+        feat32 = self.arm32(feat32) * tail
+        feat16 = self.resize(feat16, spatial.shape[-2:])  # (B, C16, H/8, W/8)
+        feat32 = self.resize(feat32, spatial.shape[-2:])  # (B, C32, H/8, W/8)
+
+        fused = self.ffm(spatial, torch.cat((feat16, feat32), dim=1))  # (B, K, H/8, W/8)
+        # The course upsamples by a factor 8; resizing to the input size is the same operation
+        # (bit for bit) when H and W are multiples of 8, and still gives (H, W) when they are not.
+        main = self.classifier(self.resize(fused, input_size))         # (B, K, H, W)
+        if not self.training:
+            return main
+
+        aux16 = self.resize(self.aux_head16(feat16), input_size)       # (B, K, H, W)
+        aux32 = self.resize(self.aux_head32(feat32), input_size)       # (B, K, H, W)
+        return main, aux16, aux32
+
+
+def imagenet_weights_path(context_path):
+    """Where torchvision's IMAGENET1K_V1 file for the trunk must be: the local hub cache."""
+    check_context_path(context_path)
+    filename = Path(urlparse(_IMAGENET_WEIGHTS[context_path].url).path).name
+    return Path(torch.hub.get_dir()) / "checkpoints" / filename
+
+
+def _trunk_state_dict(context_path, pretrained):
+    """The torchvision ResNet state_dict named by ``pretrained`` ("imagenet" or a path) and its path."""
+    if pretrained == "imagenet":
+        path = imagenet_weights_path(context_path)
+        if not path.is_file():
+            # Never download: runs must be reproducible offline and on machines without internet.
+            raise FileNotFoundError(
+                f"ImageNet weights for {context_path} not found at {path}; put torchvision's "
+                f"{path.name} there ({_IMAGENET_WEIGHTS[context_path].url}), or train from "
+                f"scratch with --pretrained none"
+            )
+    else:
+        path = Path(pretrained)
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"--pretrained {pretrained!r}: no such file; expected one of {PRETRAINED_CHOICES} "
+                f"or the path of a torchvision ResNet state_dict"
+            )
+    state_dict = load_checkpoint_file(path, map_location="cpu")
+    if not isinstance(state_dict, dict):
+        raise CheckpointError(f"{path} is not a torchvision ResNet state_dict (got {type(state_dict).__name__})")
+    return state_dict, path
+
+
+def load_trunk_weights(model, pretrained):
+    """Load ImageNet (or file) weights into ``model.context_path``; log missing/unexpected keys."""
+    state_dict, path = _trunk_state_dict(model.context_path_name, pretrained)
+    state_dict = {k: v for k, v in state_dict.items() if not k.startswith(_TRUNK_CLASSIFIER_PREFIX)}
+    try:
+        result = model.context_path.load_state_dict(state_dict, strict=False)
+    except RuntimeError as error:  # shape mismatches, e.g. a ResNet-101 file for a ResNet-18
+        raise CheckpointError(f"{path} does not fit the {model.context_path_name} trunk: {error}") from None
+    trunk_keys = model.context_path.state_dict().keys()
+    if len(result.missing_keys) == len(trunk_keys):
+        raise CheckpointError(f"{path} holds no {model.context_path_name} trunk weights (no key matched)")
+    if result.missing_keys:
+        logger.warning("%s: trunk keys missing from the file: %s", path, result.missing_keys)
+    if result.unexpected_keys:
+        logger.warning("%s: unexpected keys ignored: %s", path, result.unexpected_keys)
+    logger.info("loaded %s trunk weights from %s", model.context_path_name, path)
+
+
+def build_bisenet(context_path="resnet18", num_classes=NUM_CLASSES, pretrained="none"):
+    """A BiSeNet whose trunk is random ("none"), ImageNet ("imagenet", from the local hub cache
+    only, never downloaded) or loaded from a torchvision ResNet state_dict file (a path)."""
+    check_context_path(context_path)
+    model = BiSeNet(num_classes=num_classes, context_path=context_path)
+    if pretrained not in (None, "none"):
+        load_trunk_weights(model, pretrained)
+    return model
