@@ -1,0 +1,124 @@
+"""Experiment logging as null objects: TensorBoard (tensorboardX) and W&B, each on or off.
+
+Both back-ends are imported lazily, only when enabled, so machines without them (a bare GPU
+node, CI) run every script with logging off. Only rank 0 ever gets a real logger.
+"""
+import json
+import math
+import os
+import subprocess
+from pathlib import Path
+
+import numpy as np
+
+from utils.distributed import is_main_process
+
+
+class RunLogger:
+    """Sends scalars and images to the enabled back-ends; with none enabled every call is a no-op."""
+
+    def __init__(self, log_dir=None, tensorboard=True, wandb=False, wandb_project="uda-bisenet", config=None, run_name=None):
+        self._tensorboard = None
+        self._wandb = None
+        if not is_main_process():
+            return
+        if tensorboard and log_dir is not None:
+            from tensorboardX import SummaryWriter  # lazy: optional dependency
+
+            self._tensorboard = SummaryWriter(logdir=str(log_dir))
+        if wandb:
+            import wandb as wandb_module  # lazy: optional dependency; honours WANDB_MODE=offline/disabled
+
+            self._wandb = wandb_module.init(project=wandb_project, config=config, name=run_name,
+                                            dir=str(log_dir) if log_dir else None)
+
+    def scalars(self, values, step, prefix=""):
+        values = {f"{prefix}{key}": float(value) for key, value in values.items()
+                  if value is not None and not (isinstance(value, float) and math.isnan(value))}
+        if self._tensorboard is not None:
+            for key, value in values.items():
+                self._tensorboard.add_scalar(key, value, step)
+        if self._wandb is not None and values:
+            self._wandb.log(values, step=step)
+
+    def images(self, tag, images_hwc, step):
+        """``images_hwc``: list of uint8 HxWx3 arrays, logged as one horizontal strip."""
+        if not images_hwc:
+            return
+        strip = np.concatenate(images_hwc, axis=1)
+        if self._tensorboard is not None:
+            self._tensorboard.add_image(tag, strip, step, dataformats="HWC")
+        if self._wandb is not None:
+            import wandb as wandb_module
+
+            self._wandb.log({tag: wandb_module.Image(strip)}, step=step)
+
+    def flush(self):
+        if self._tensorboard is not None:
+            self._tensorboard.flush()
+
+    def close(self):
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+def git_commit():
+    """The repository's HEAD commit (with ``-dirty`` when there are local changes), or None."""
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10)
+        if commit.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
+                               capture_output=True, text=True, timeout=10)
+        return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def plain_args(args):
+    """argparse Namespace -> dict of plain JSON types (paths as strings), safe to store anywhere."""
+    def plain(value):
+        if isinstance(value, (str, int, float, bool)) or value is None:
+            return value
+        if isinstance(value, (list, tuple)):
+            return [plain(item) for item in value]
+        if isinstance(value, dict):
+            return {str(key): plain(item) for key, item in value.items()}
+        return str(value)
+    return {key: plain(value) for key, value in vars(args).items()}
+
+
+def write_json(path, data):
+    """Write JSON atomically (temporary file + rename) so readers never see half a file."""
+    from utils.checkpoint import atomic_write
+
+    text = json.dumps(data, indent=2, allow_nan=False, default=str) + "\n"
+    atomic_write(path, lambda handle: handle.write(text.encode()))
+
+
+def write_text(path, text):
+    from utils.checkpoint import atomic_write
+
+    atomic_write(path, lambda handle: handle.write(text.encode()))
+
+
+def write_run_info(output_dir, args, extra=None):
+    """Resolved args, seed, git commit and environment next to the run's checkpoints."""
+    import torch
+
+    info = {
+        "args": plain_args(args),
+        "seed": getattr(args, "seed", None),
+        "git_commit": git_commit(),
+        "torch": torch.__version__,
+        "cuda": torch.cuda.is_available(),
+        "pid": os.getpid(),
+        **(extra or {}),
+    }
+    write_json(Path(output_dir) / "run_info.json", info)
+    return info

@@ -1,0 +1,43 @@
+"""Mixed precision as a null object: one code path for fp32 on CPU and bf16/fp16 on CUDA.
+
+``--amp auto`` means bf16 autocast on a CUDA device that supports it (no loss scaling needed),
+fp16 with GradScaler on older CUDA devices, and plain fp32 on the CPU, where autocast only
+slows convolutions down.
+"""
+import contextlib
+
+import torch
+
+AMP_CHOICES = ("auto", "off", "bf16", "fp16")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Precision:
+    def __init__(self, device, mode="auto"):
+        if mode not in AMP_CHOICES:
+            raise ValueError(f"unknown --amp {mode!r}; expected one of {AMP_CHOICES}")
+        self.device = torch.device(device)
+        if mode == "auto":
+            if self.device.type != "cuda":
+                mode = "off"
+            else:
+                mode = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        if mode != "off" and self.device.type != "cuda":
+            raise ValueError(f"--amp {mode} needs a CUDA device (got {self.device}); use --amp off on the CPU")
+        self.mode = mode
+
+    @property
+    def enabled(self):
+        return self.mode != "off"
+
+    def autocast(self):
+        if not self.enabled:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=_DTYPES[self.mode])
+
+    def grad_scaler(self):
+        """A GradScaler that is active only for fp16 (bf16 has fp32's range and needs none)."""
+        return torch.amp.GradScaler(self.device.type, enabled=self.mode == "fp16")
+
+    def __repr__(self):
+        return f"Precision({self.mode} on {self.device})"
