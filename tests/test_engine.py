@@ -1,0 +1,123 @@
+import pytest
+import torch
+
+from model import build_bisenet, build_discriminator
+from utils.engine import NonFiniteLossError, adversarial_step, segmentation_loss, supervised_step
+from utils.optim import build_optimizer, poly_lr
+from utils.precision import Precision
+
+SIZE = (64, 64)
+
+
+def _batch(seed, batch=2, labels=True):
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(batch, 3, *SIZE, generator=generator)
+    target = torch.randint(0, 19, (batch, *SIZE), generator=generator) if labels else None
+    return images, target
+
+
+def _parts(discriminator="dsc"):
+    torch.manual_seed(0)
+    model = build_bisenet("resnet18", 19)
+    disc = build_discriminator(discriminator, 19) if discriminator != "none" else None
+    optimizer = build_optimizer("sgd", model.parameters(), 1e-2)
+    optimizer_d = build_optimizer("adam", disc.parameters(), 1e-3, weight_decay=0.0) if disc is not None else None
+    precision = Precision("cpu", "off")
+    return model, disc, optimizer, optimizer_d, precision, precision.grad_scaler(), precision.grad_scaler()
+
+
+def _snapshot(module):
+    return {name: value.detach().clone() for name, value in module.state_dict().items()}
+
+
+def _changed(before, module):
+    return [name for name, value in module.state_dict().items() if not torch.equal(before[name], value)]
+
+
+def test_adversarial_step_updates_both_and_freezes_discriminator_during_segmentation_update():
+    model, disc, optimizer, optimizer_d, precision, scaler, scaler_d = _parts()
+    model_before, disc_before = _snapshot(model), _snapshot(disc)
+    seen = {}
+    original_step = optimizer.step
+
+    def checking_step(*args, **kwargs):
+        # At the segmentation update, D must be exactly as before and hold no gradients.
+        seen["disc_changed"] = _changed(disc_before, disc)
+        seen["disc_grads"] = [p.grad for p in disc.parameters() if p.grad is not None]
+        seen["disc_requires_grad"] = any(p.requires_grad for p in disc.parameters())
+        seen["model_grads"] = sum(p.grad is not None for p in model.parameters())
+        return original_step(*args, **kwargs)
+
+    optimizer.step = checking_step
+    source_images, source_labels = _batch(1)
+    target_images, _ = _batch(2, labels=False)
+    losses = adversarial_step(model, disc, optimizer, optimizer_d, scaler, scaler_d, precision,
+                              source_images, source_labels, target_images, lambda_adv=1e-3)
+    assert seen["disc_changed"] == [] and seen["disc_grads"] == [] and not seen["disc_requires_grad"]
+    assert seen["model_grads"] > 0
+    assert set(losses) == {"loss_seg", "loss_adv", "loss_d"}
+    assert all(torch.isfinite(value) for value in losses.values())
+    assert _changed(model_before, model), "segmentation network not updated"
+    assert _changed(disc_before, disc), "discriminator not updated"
+    assert all(p.requires_grad for p in disc.parameters())
+
+
+def test_adversarial_gradient_reaches_segmentation_network_through_discriminator():
+    # With lambda_adv > 0 the target batch must change the segmentation update.
+    results = []
+    for lambda_adv in (0.0, 10.0):
+        model, disc, optimizer, optimizer_d, precision, scaler, scaler_d = _parts()
+        source_images, source_labels = _batch(1)
+        target_images, _ = _batch(2, labels=False)
+        adversarial_step(model, disc, optimizer, optimizer_d, scaler, scaler_d, precision,
+                         source_images, source_labels, target_images, lambda_adv=lambda_adv)
+        results.append(model.classifier.weight.detach().clone())
+    assert not torch.equal(results[0], results[1])
+
+
+def test_source_only_step_ignores_target_and_pseudo_labels_add_a_term():
+    model, disc, optimizer, optimizer_d, precision, scaler, scaler_d = _parts("none")
+    assert disc is None and optimizer_d is None
+    source_images, source_labels = _batch(1)
+    target_images, target_labels = _batch(2)
+    losses = adversarial_step(model, None, optimizer, None, scaler, scaler_d, precision,
+                              source_images, source_labels, target_images)
+    assert set(losses) == {"loss_seg"}
+    losses = adversarial_step(model, None, optimizer, None, scaler, scaler_d, precision,
+                              source_images, source_labels, target_images, target_labels)
+    assert set(losses) == {"loss_seg", "loss_pseudo"}
+
+
+def test_segmentation_loss_sums_three_heads_and_ignores_255():
+    logits = torch.randn(1, 19, 4, 4)
+    labels = torch.randint(0, 19, (1, 4, 4))
+    single = segmentation_loss(logits, labels)
+    assert segmentation_loss((logits, logits, logits), labels) == pytest.approx(3 * single.item())
+    labels_ignored = labels.clone()
+    labels_ignored[0, 0, 0] = 255
+    expected = torch.nn.functional.cross_entropy(logits, labels_ignored, ignore_index=255)
+    assert segmentation_loss(logits, labels_ignored) == pytest.approx(expected.item())
+
+
+def test_supervised_steps_lower_the_loss():
+    model, _, optimizer, _, precision, scaler, _ = _parts("none")
+    images, labels = _batch(3)
+    losses = [supervised_step(model, optimizer, scaler, precision, images, labels)["loss_seg"].item() for _ in range(6)]
+    assert losses[-1] < losses[0]
+
+
+def test_non_finite_loss_is_refused_before_any_update():
+    model, disc, optimizer, optimizer_d, precision, scaler, scaler_d = _parts()
+    before = _snapshot(model)
+    images, labels = _batch(1)
+    images[0, 0, 0, 0] = float("nan")
+    with pytest.raises(NonFiniteLossError) as error:
+        adversarial_step(model, disc, optimizer, optimizer_d, scaler, scaler_d, precision, images, labels, images)
+    assert "loss_seg" in str(error.value)
+    assert _changed(before, model) == [] or all("running" in n or "num_batches" in n for n in _changed(before, model))
+
+
+def test_poly_learning_rate():
+    assert poly_lr(0.1, 0, 100) == pytest.approx(0.1)
+    assert poly_lr(0.1, 50, 100) == pytest.approx(0.1 * 0.5 ** 0.9)
+    assert poly_lr(0.1, 100, 100) == 0.0

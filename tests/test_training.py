@@ -1,0 +1,114 @@
+"""End-to-end training scripts on a tiny dataset tree (CPU, a few iterations)."""
+import json
+
+import pytest
+import torch
+
+import trainSupervised
+import trainUnsupervised
+from dataset.common import DatasetError
+from utils.checkpoint import load_checkpoint_file
+
+COMMON = ["--source-size", "64x36", "--target-size", "64x32", "--batch-size", "2", "--workers", "0",
+          "--log-every", "1", "--no-progress", "--seed", "3"]
+
+
+def _unsupervised(data_root, output_dir, *extra):
+    return trainUnsupervised.get_args(["--data-root", str(data_root), "--output-dir", str(output_dir), *COMMON, *extra])
+
+
+def _losses(run_dir):
+    return [json.loads(line) for line in (run_dir / "losses.jsonl").read_text().splitlines()]
+
+
+def test_resumed_adversarial_run_equals_uninterrupted(tiny_data_root, tmp_path):
+    straight = tmp_path / "straight"
+    trainUnsupervised.main(_unsupervised(tiny_data_root, straight, "--max-iters", "4", "--val-every", "2", "--no-tensorboard"))
+    split = tmp_path / "split"
+    # First half: the same schedule (max-iters 4) stopped after its checkpoint at iteration 2.
+    args = _unsupervised(tiny_data_root, split, "--max-iters", "4", "--val-every", "2", "--no-tensorboard")
+    trainer_cls = trainUnsupervised.Trainer
+
+    class StopAtTwo(trainer_cls):
+        def save(self, filename):
+            super().save(filename)
+            if filename == "last.pth" and self.iteration == 2:
+                raise KeyboardInterrupt
+
+    trainUnsupervised.Trainer = StopAtTwo
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            trainUnsupervised.main(args)
+    finally:
+        trainUnsupervised.Trainer = trainer_cls
+    assert load_checkpoint_file(split / "last.pth")["iteration"] == 2
+    trainUnsupervised.main(_unsupervised(tiny_data_root, split, "--max-iters", "4", "--val-every", "2",
+                                         "--no-tensorboard", "--resume", str(split / "last.pth")))
+    assert _losses(split) == _losses(straight)
+    final_straight, final_split = load_checkpoint_file(straight / "last.pth"), load_checkpoint_file(split / "last.pth")
+    for network in ("model", "discriminator"):
+        for key, value in final_straight[network].items():
+            assert torch.equal(value, final_split[network][key]), f"{network}.{key} differs after resume"
+    assert final_straight["history"] == final_split["history"]
+
+
+def test_source_only_builds_no_discriminator_and_writes_run_files(tiny_data_root, tmp_path):
+    run = tmp_path / "source_only"
+    trainer = trainUnsupervised.main(_unsupervised(tiny_data_root, run, "--discriminator", "none", "--max-iters", "2", "--no-tensorboard"))
+    assert "discriminator" not in trainer.networks
+    checkpoint = load_checkpoint_file(run / "last.pth")
+    assert "discriminator" not in checkpoint and checkpoint["model_config"]["context_path"] == "resnet18"
+    info = json.loads((run / "run_info.json").read_text())
+    assert info["args"]["discriminator"] == "none" and info["seed"] == 3 and "git_commit" in info
+    assert (run / "best.pth").is_file() and (run / "metrics.json").is_file() and (run / "final_table.md").is_file()
+    assert set(_losses(run)[0]) == {"iteration", "loss_seg", "lr_model"}
+
+
+@pytest.mark.parametrize("code,name", [("0", "fcd"), ("1", "dsc"), ("fcd", "fcd"), ("DSC", "dsc"), ("none", "none")])
+def test_numeric_discriminator_codes(code, name, tmp_path):
+    assert trainUnsupervised.get_args(["--output-dir", str(tmp_path), "--discriminator", code]).discriminator == name
+
+
+def test_unknown_discriminator_and_bad_sizes_are_rejected_by_argparse(tmp_path, capsys):
+    for flags in (["--discriminator", "2"], ["--target-size", "-5x10"], ["--optimizer", "lbfgs"], ["--batch-size", "0"]):
+        with pytest.raises(SystemExit):
+            trainUnsupervised.get_args(["--output-dir", str(tmp_path), *flags])
+    assert "fcd" in capsys.readouterr().err
+
+
+def test_missing_dataset_fails_before_any_model_is_built(tmp_path, monkeypatch):
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was built before the data were checked")
+
+    monkeypatch.setattr(trainUnsupervised, "build_bisenet", no_model)
+    args = trainUnsupervised.get_args(["--data-root", str(tmp_path / "nowhere"), "--output-dir", str(tmp_path / "run")])
+    with pytest.raises(DatasetError, match="nowhere"):
+        trainUnsupervised.main(args)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DatasetError, match="GTA5"):
+        trainUnsupervised.main(trainUnsupervised.get_args(["--data-root", str(empty), "--output-dir", str(tmp_path / "run")]))
+
+
+def test_adversarial_training_writes_readable_tensorboard_scalars(tiny_data_root, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "tb"
+    trainUnsupervised.main(_unsupervised(tiny_data_root, run, "--discriminator", "fcd", "--max-iters", "3", "--val-every", "3"))
+    accumulator = EventAccumulator(str(run / "tensorboard"))
+    accumulator.Reload()
+    tags = set(accumulator.Tags()["scalars"])
+    assert {"train/loss_seg", "train/loss_adv", "train/loss_d", "lr/model", "lr/discriminator", "val/model/miou"} <= tags
+    assert [event.step for event in accumulator.Scalars("train/loss_seg")] == [1, 2, 3]
+    assert accumulator.Tags()["images"]
+
+
+def test_supervised_training_lowers_the_loss(tiny_data_root, tmp_path):
+    run = tmp_path / "supervised"
+    trainSupervised.main(trainSupervised.get_args([
+        "--data-root", str(tiny_data_root), "--output-dir", str(run), "--target-size", "64x32", "--batch-size", "2",
+        "--workers", "0", "--no-progress", "--max-iters", "12", "--log-every", "3", "--no-tensorboard",
+        "--learning-rate", "0.01"]))
+    losses = [entry["loss_seg"] for entry in _losses(run)]
+    assert losses[-1] < losses[0]

@@ -1,0 +1,94 @@
+"""Unsupervised domain adaptation GTA5 -> Cityscapes with BiSeNet.
+
+Source GTA5 (labeled) + target Cityscapes (unlabeled): segmentation loss on the source, an
+adversarial loss on the target through a discriminator (FCD or the light DSC), optionally a
+cross-entropy on target pseudo labels from createpseudolabels.py. --discriminator none is the
+source-only baseline in the same loop. Validates on Cityscapes val (mIoU, pixel accuracy,
+per-class IoU), keeps last.pth and best.pth in --output-dir and prints the final table.
+
+Examples:
+  python trainUnsupervised.py --output-dir runs/dsc --discriminator dsc --max-iters 300
+  python trainUnsupervised.py --output-dir runs/dsc_pl --discriminator dsc --use-pseudolabels runs/pseudo
+"""
+from functools import partial
+
+from model import build_bisenet
+from utils.adaptation import add_adversarial_args, add_pseudo_label_args, build_discriminator_parts, resolve_pseudo_label_dir
+from utils.builders import (make_eval_loader, maybe_compile, prepare_network, resolve_data, source_train_dataset,
+                            target_eval_dataset, target_train_dataset, train_stream)
+from utils.distributed import cleanup_distributed, wrap_ddp
+from utils.engine import adversarial_step
+from model import model_config as bisenet_config
+from utils.optim import build_optimizer
+from utils.options import add_data_args, add_model_args, add_runtime_args, add_training_args, make_parser
+from utils.run import finish_run, make_image_logger, make_validator, resolve_schedule, start_run
+from utils.trainer import Trainer
+from dataset.normalization import get_normalization
+
+
+def get_args(argv=None):
+    parser = make_parser(__doc__)
+    add_data_args(parser)
+    add_model_args(parser)
+    add_training_args(parser)
+    add_adversarial_args(parser)
+    add_pseudo_label_args(parser)
+    add_runtime_args(parser)
+    return parser.parse_args(argv)
+
+
+def main(args):
+    pseudo_dir = resolve_pseudo_label_dir(args)
+    resolve_data(args)
+    # Data first: a wrong path fails here, before any network is built.
+    source = source_train_dataset(args)
+    target = target_train_dataset(args, pseudo_label_dir=pseudo_dir)
+    val = target_eval_dataset(args)
+    context = start_run(args)
+    device = context.device
+
+    model = prepare_network(build_bisenet(args.context_path, args.num_classes, args.pretrained), args, device)
+    optimizer = build_optimizer(args.optimizer, model.parameters(), args.learning_rate, args.weight_decay, args.momentum)
+    discriminator, optimizer_d, discriminator_config = build_discriminator_parts(args, device, args.num_classes)
+    scaler, scaler_d = context.precision.grad_scaler(), context.precision.grad_scaler()
+
+    train_model = wrap_ddp(maybe_compile(model, args), device, find_unused_parameters=True)
+    train_discriminator = wrap_ddp(discriminator, device) if discriminator is not None else None
+    streams = {"source": train_stream(args, source, device), "target": train_stream(args, target, device, seed_offset=1)}
+    max_iters = resolve_schedule(args, streams["source"].batches_per_epoch)
+
+    def step(batches, iteration):
+        return adversarial_step(
+            train_model, train_discriminator, optimizer, optimizer_d, scaler, scaler_d, context.precision,
+            batches["source"]["image"], batches["source"]["label"], batches["target"]["image"],
+            batches["target"].get("label") if pseudo_dir else None, lambda_adv=args.lambda_adv)
+
+    networks = {"model": model}
+    optimizers = {"model": (optimizer, args.learning_rate)}
+    scalers = {"model": scaler}
+    configs = {"model": bisenet_config(model, args.input_convention)}
+    if discriminator is not None:
+        networks["discriminator"] = discriminator
+        optimizers["discriminator"] = (optimizer_d, args.learning_rate_d)
+        scalers["discriminator"] = scaler_d
+        configs["discriminator"] = discriminator_config
+
+    val_loader = make_eval_loader(args, val, device)
+    trainer = Trainer(
+        args=args, output_dir=context.output_dir, device=device, networks=networks, optimizers=optimizers,
+        scalers=scalers, streams=streams, step_fn=step, configs=configs, max_iters=max_iters,
+        validate_fn=make_validator({"model": model}, val_loader, context, args.progress),
+        image_fn=make_image_logger(model, val, context, get_normalization(args.input_convention, "cityscapes")),
+        val_every=args.val_every, log_every=args.log_every, checkpoint_every=args.checkpoint_every,
+        logger=context.logger, fp16_skipping=context.precision.mode == "fp16")
+    if args.resume:
+        trainer.resume(args.resume)
+    trainer.run()
+    title = "source only" if discriminator is None else args.discriminator.upper()
+    finish_run(trainer, context, title + (" + PL" if pseudo_dir else ""))
+    cleanup_distributed()
+    return trainer
+
+
+if __name__ == "__main__":
+    main(get_args())

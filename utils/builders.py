@@ -1,0 +1,120 @@
+"""Datasets, loaders and networks built from the shared command-line options.
+
+With no dataset path on the command line the scripts use the built-in synthetic benchmark
+(generated on first use) at its native sizes; with real data, the report's sizes (GTA5 1280x720,
+Cityscapes 1024x512) unless flags say otherwise. Resolved values are written back into ``args``
+so each run records what it really used. Data are checked before any network is built, so a
+wrong path fails in a second, not after minutes of set-up.
+"""
+from pathlib import Path
+
+import torch
+
+from dataset.cityscapes import CityscapesDataset
+from dataset.common import DatasetError
+from dataset.gta5 import GTA5Dataset
+from dataset.normalization import get_normalization
+from dataset.transforms import eval_transform, train_transform
+from utils.data import BatchStream, eval_loader
+
+REPORT_SOURCE_SIZE = (720, 1280)   # (height, width), GTA5 as trained in the report
+REPORT_TARGET_SIZE = (512, 1024)   # Cityscapes
+SOURCE_DIR, TARGET_DIR = "GTA5", "Cityscapes"
+
+
+def resolve_data(args, need_source=True):
+    """Fill ``args.source_root``/``args.target_root`` and the sizes; generate synthetic data if needed."""
+    explicit = [getattr(args, name, None) for name in ("data_root", "source_root", "target_root")]
+    args.synthetic = not any(explicit)
+    if args.synthetic:
+        from dataset.synthetic import SOURCE_SIZE, TARGET_SIZE, ensure_synthetic_benchmark
+
+        args.data_root = str(ensure_synthetic_benchmark())
+        default_source, default_target = SOURCE_SIZE, TARGET_SIZE
+    else:
+        default_source, default_target = REPORT_SOURCE_SIZE, REPORT_TARGET_SIZE
+    if args.data_root:
+        if not Path(args.data_root).is_dir():
+            raise DatasetError(f"--data-root {args.data_root} does not exist or is not a folder "
+                               f"(expected it to hold {SOURCE_DIR}/ and {TARGET_DIR}/)")
+        if need_source and getattr(args, "source_root", None) is None and hasattr(args, "source_root"):
+            args.source_root = str(Path(args.data_root) / SOURCE_DIR)
+        if getattr(args, "target_root", None) is None:
+            args.target_root = str(Path(args.data_root) / TARGET_DIR)
+    if hasattr(args, "source_size") and args.source_size is None:
+        args.source_size = default_source
+    if hasattr(args, "target_size") and args.target_size is None:
+        args.target_size = default_target
+    if getattr(args, "eval_size", None) is None:
+        args.eval_size = args.target_size
+    crop = getattr(args, "crop_size", None)
+    if crop is not None and args.scale_range is None:
+        for flag, size in (("--source-size", getattr(args, "source_size", None)), ("--target-size", args.target_size)):
+            if size is not None and (crop[0] > size[0] or crop[1] > size[1]):
+                raise SystemExit(f"--crop-size {crop[1]}x{crop[0]} is larger than {flag} {size[1]}x{size[0]}; "
+                                 f"choose a smaller crop (padding with ignore pixels would only waste compute)")
+    return args
+
+
+def _train_transform(args, size_hw):
+    return train_transform(args.crop_size or size_hw, resize_hw=size_hw, scale_range=args.scale_range, flip=args.flip)
+
+
+def gta5_split(root, wanted="train"):
+    """Use the list file ``root/<wanted>.txt`` when the dataset has one, else every image."""
+    return wanted if (Path(root) / f"{wanted}.txt").is_file() else "all"
+
+
+def source_train_dataset(args):
+    return GTA5Dataset(args.source_root, split=gta5_split(args.source_root, "train"),
+                       transform=_train_transform(args, args.source_size),
+                       normalization=get_normalization(args.input_convention, "gta5"), skip_bad=args.skip_bad)
+
+
+def target_train_dataset(args, labeled=False, pseudo_label_dir=None):
+    return CityscapesDataset(args.target_root, split="train", transform=_train_transform(args, args.target_size),
+                             normalization=get_normalization(args.input_convention, "cityscapes"),
+                             labeled=labeled or pseudo_label_dir is not None, pseudo_label_dir=pseudo_label_dir,
+                             skip_bad=args.skip_bad)
+
+
+def target_eval_dataset(args, split="val", labeled=True):
+    return CityscapesDataset(args.target_root, split=split, transform=eval_transform(args.eval_size),
+                             normalization=get_normalization(args.input_convention, "cityscapes"),
+                             labeled=labeled, skip_bad=args.skip_bad)
+
+
+def train_stream(args, dataset, device, seed_offset=0):
+    return BatchStream(dataset, args.batch_size, seed=args.seed + seed_offset, num_workers=args.workers,
+                       pin_memory=device.type == "cuda")
+
+
+def make_eval_loader(args, dataset, device, batch_size=1):
+    return eval_loader(dataset, batch_size=batch_size, num_workers=args.workers, pin_memory=device.type == "cuda")
+
+
+def resolve_fast_paths(args, device):
+    """Turn the ``auto`` choices of --channels-last/--compile into booleans for this device."""
+    for flag in ("channels_last", "compile"):
+        value = getattr(args, flag, "off")
+        if value == "auto":
+            value = "on" if device.type == "cuda" else "off"
+        setattr(args, flag, value)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
+    return args
+
+
+def prepare_network(network, args, device):
+    """Move to the device in the chosen memory format."""
+    network = network.to(device)
+    if getattr(args, "channels_last", "off") == "on":
+        network = network.to(memory_format=torch.channels_last)
+    return network
+
+
+def maybe_compile(network, args):
+    """``torch.compile`` when --compile is on; the uncompiled module is kept for checkpoints."""
+    if getattr(args, "compile", "off") == "on":
+        return torch.compile(network)
+    return network

@@ -1,0 +1,128 @@
+"""Training steps shared by every script: supervised, adversarial (AdaptSegNet style), helpers.
+
+Each step takes already-collated batches on the device and returns a dict of detached loss
+tensors; the loop (``utils.trainer``) decides when to synchronise with the host to log them.
+"""
+import torch
+import torch.nn.functional as F
+
+from dataset.labels import IGNORE_INDEX
+
+# Domain labels of the discriminator (AdaptSegNet convention).
+SOURCE_DOMAIN = 0.0
+TARGET_DOMAIN = 1.0
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term became NaN or infinite; the step was not applied."""
+
+    def __init__(self, terms):
+        self.terms = terms
+        super().__init__(f"non-finite loss in {', '.join(terms)}")
+
+
+def unwrap(module):
+    """The network inside a DistributedDataParallel (or DataParallel) wrapper."""
+    return getattr(module, "module", module)
+
+
+def main_output(outputs):
+    """The main prediction of a BiSeNet output (a tuple in training mode, a tensor in eval)."""
+    return outputs[0] if isinstance(outputs, (tuple, list)) else outputs
+
+
+def segmentation_loss(outputs, labels):
+    """Cross-entropy (ignore 255) on the main output plus the two auxiliary outputs."""
+    if not isinstance(outputs, (tuple, list)):
+        outputs = (outputs,)
+    return sum(F.cross_entropy(output.float(), labels, ignore_index=IGNORE_INDEX) for output in outputs)
+
+
+def domain_loss(discriminator, probabilities, domain):
+    """BCE-with-logits of the discriminator's map against a constant domain label."""
+    logits = discriminator(probabilities)
+    return F.binary_cross_entropy_with_logits(logits.float(), torch.full_like(logits, domain, dtype=torch.float32))
+
+
+def set_requires_grad(module, flag):
+    for parameter in module.parameters():
+        parameter.requires_grad_(flag)
+
+
+def check_finite(losses):
+    """One host sync per step: raise NonFiniteLossError naming the bad terms, before any update."""
+    values = torch.stack([value.detach().float() for value in losses.values()])
+    if not bool(torch.isfinite(values).all()):
+        raise NonFiniteLossError([name for name, value in losses.items() if not torch.isfinite(value).all()])
+
+
+def supervised_step(model, optimizer, scaler, precision, images, labels):
+    """One step of labeled training (upper bound, source-only without target branch)."""
+    optimizer.zero_grad(set_to_none=True)
+    with precision.autocast():
+        loss = segmentation_loss(model(images), labels)
+    check_finite({"seg": loss})
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return {"loss_seg": loss.detach()}
+
+
+def adversarial_step(model, discriminator, optimizer, optimizer_d, scaler, scaler_d, precision,
+                     source_images, source_labels, target_images, target_labels=None, lambda_adv=1e-3):
+    """One AdaptSegNet step: segmentation (+ fooling the discriminator), then discriminator.
+
+    * source batch: cross-entropy on the three heads;
+    * target batch through the same network: ``lambda_adv`` x BCE of D(softmax(target)) against the
+      *source* label, plus cross-entropy against pseudo labels when ``target_labels`` is given;
+    * D is frozen during that update, then trained on detached softmax maps, source -> source
+      label, target -> target label, mean of the two BCE terms.
+    ``discriminator=None`` is the source-only baseline (with optional pseudo labels) in the same loop.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    if discriminator is not None:
+        # The frozen pass goes through the unwrapped module: no gradients reach D's parameters,
+        # so a DistributedDataParallel wrapper must not wait for them.
+        frozen_discriminator = unwrap(discriminator)
+        set_requires_grad(frozen_discriminator, False)
+    # Forward and backward one domain at a time: the source graph is freed before the target one
+    # is built, and DistributedDataParallel sees matched forward/backward pairs.
+    with precision.autocast():
+        source_outputs = model(source_images)
+        loss_seg = segmentation_loss(source_outputs, source_labels)
+    losses = {"loss_seg": loss_seg}
+    check_finite(losses)
+    scaler.scale(loss_seg).backward()
+    source_main = main_output(source_outputs).detach()
+    del source_outputs
+
+    if discriminator is not None or target_labels is not None:
+        loss_target = 0.0
+        with precision.autocast():
+            target_outputs = model(target_images)
+            if discriminator is not None:
+                # One float32 softmax, shared by the adversarial and the discriminator losses.
+                target_probabilities = F.softmax(main_output(target_outputs).float(), dim=1)
+                losses["loss_adv"] = domain_loss(frozen_discriminator, target_probabilities, SOURCE_DOMAIN)
+                loss_target = lambda_adv * losses["loss_adv"]
+            if target_labels is not None:
+                losses["loss_pseudo"] = segmentation_loss(target_outputs, target_labels)
+                loss_target = loss_target + losses["loss_pseudo"]
+        check_finite(losses)
+        scaler.scale(loss_target).backward()
+    scaler.step(optimizer)
+    scaler.update()
+
+    if discriminator is not None:
+        set_requires_grad(frozen_discriminator, True)
+        optimizer_d.zero_grad(set_to_none=True)
+        with precision.autocast():
+            source_probabilities = F.softmax(source_main.float(), dim=1)
+            loss_d = 0.5 * (domain_loss(discriminator, source_probabilities, SOURCE_DOMAIN)
+                            + domain_loss(discriminator, target_probabilities.detach(), TARGET_DOMAIN))
+        check_finite({"loss_d": loss_d})
+        scaler_d.scale(loss_d).backward()
+        scaler_d.step(optimizer_d)
+        scaler_d.update()
+        losses["loss_d"] = loss_d
+    return {name: value.detach() for name, value in losses.items()}

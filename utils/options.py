@@ -1,0 +1,144 @@
+"""Command-line options shared by the scripts, defined once so the scripts never drift apart."""
+import argparse
+import re
+
+from dataset.labels import NUM_CLASSES
+from dataset.normalization import CONVENTIONS
+from model.bisenet import CONTEXT_PATHS
+from utils.optim import OPTIMIZERS
+from utils.precision import AMP_CHOICES
+
+
+
+def size_type(text):
+    """'1280x720' (WIDTHxHEIGHT, as the report writes sizes) -> (height, width)."""
+    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", str(text))
+    if not match:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 1024x512, got {text!r}")
+    width, height = int(match.group(1)), int(match.group(2))
+    if width <= 0 or height <= 0:
+        raise argparse.ArgumentTypeError(f"sizes must be positive, got {text!r}")
+    return height, width
+
+
+def positive_int(text):
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def non_negative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
+    return value
+
+
+def positive_float(text):
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
+def scale_range_type(text):
+    parts = str(text).split(",")
+    try:
+        low, high = (float(part) for part in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected MIN,MAX such as 0.75,1.5, got {text!r}") from None
+    if not 0 < low <= high:
+        raise argparse.ArgumentTypeError(f"expected 0 < MIN <= MAX, got {text!r}")
+    return low, high
+
+
+def format_size(size_hw):
+    return f"{size_hw[1]}x{size_hw[0]}"
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
+
+
+def make_parser(description):
+    return argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
+
+
+def add_data_args(parser, source=True, target=True):
+    group = parser.add_argument_group("data (default: the built-in synthetic benchmark, generated on first use)")
+    group.add_argument("--data-root", default=None,
+                       help="folder holding GTA5/ and Cityscapes/ (the synthetic benchmark's layout); "
+                            "default: $UDA_SYNTHETIC_DIR or data/synthetic")
+    if source:
+        group.add_argument("--source-root", default=None, help="GTA5 root (images/, labels/, optional train.txt)")
+        group.add_argument("--source-size", type=size_type, default=None,
+                           help="GTA5 resize WIDTHxHEIGHT (report: 1280x720; synthetic default: native size)")
+    if target:
+        group.add_argument("--target-root", default=None,
+                           help="Cityscapes root, official (leftImg8bit/, gtFine/) or flat (images/, labels/, train.txt) layout")
+        group.add_argument("--target-size", type=size_type, default=None,
+                           help="Cityscapes resize WIDTHxHEIGHT (report: 1024x512; synthetic default: native size)")
+    group.add_argument("--crop-size", type=size_type, default=None,
+                       help="random crop WIDTHxHEIGHT after resizing (default: no crop)")
+    group.add_argument("--scale-range", type=scale_range_type, default=None,
+                       help="random scale jitter MIN,MAX before cropping (default: none)")
+    group.add_argument("--no-flip", dest="flip", action="store_false", help="disable random horizontal flips")
+    group.add_argument("--eval-size", type=size_type, default=None,
+                       help="inference size WIDTHxHEIGHT for validation; predictions are scored at the label's full "
+                            "resolution (default: the target size)")
+    group.add_argument("--input-convention", choices=CONVENTIONS, default="imagenet",
+                       help="input normalisation: imagenet (RGB, mean/std) or course (BGR, mean subtraction, "
+                            "as the old course repository's checkpoints need)")
+    group.add_argument("--workers", type=non_negative_int, default=2, help="DataLoader worker processes")
+    group.add_argument("--skip-bad", action="store_true",
+                       help="skip unreadable images/labels (counted and reported) instead of stopping")
+    return group
+
+
+def add_model_args(parser):
+    group = parser.add_argument_group("model")
+    group.add_argument("--context-path", choices=CONTEXT_PATHS, default="resnet18", help="BiSeNet context-path backbone")
+    group.add_argument("--num-classes", type=positive_int, default=NUM_CLASSES, help="number of classes")
+    group.add_argument("--pretrained", default="none",
+                       help="trunk initialisation: imagenet (torchvision weights from $TORCH_HOME/hub/checkpoints), "
+                            "none, or the PATH of a torchvision ResNet state_dict")
+    return group
+
+
+def add_runtime_args(parser):
+    group = parser.add_argument_group("runtime")
+    group.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
+    group.add_argument("--amp", choices=AMP_CHOICES, default="auto",
+                       help="mixed precision: auto = bf16 (or fp16 + loss scaling) on CUDA, off on the CPU")
+    group.add_argument("--channels-last", default="auto", choices=("auto", "on", "off"),
+                       help="channels_last memory format (auto: on for CUDA)")
+    group.add_argument("--compile", default="off", choices=("auto", "on", "off"),
+                       help="torch.compile the segmentation network (auto: on for CUDA)")
+    group.add_argument("--seed", type=int, default=0, help="random seed")
+    group.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+    return group
+
+
+def add_training_args(parser, default_lr=2.5e-2):
+    group = parser.add_argument_group("training")
+    group.add_argument("--output-dir", required=True, help="run folder: checkpoints, args, metrics, logs")
+    group.add_argument("--batch-size", type=positive_int, default=4, help="batch size per domain (per process under torchrun)")
+    length = group.add_mutually_exclusive_group()
+    length.add_argument("--max-iters", type=positive_int, default=None, help="number of training iterations")
+    length.add_argument("--epochs", type=positive_int, default=None,
+                        help="number of epochs over the (source) training set; default 50 when --max-iters is not given")
+    group.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd", help="segmentation network optimizer")
+    group.add_argument("--learning-rate", type=positive_float, default=default_lr, help="initial learning rate (poly decay, power 0.9)")
+    group.add_argument("--momentum", type=float, default=0.9, help="SGD/RMSprop momentum")
+    group.add_argument("--weight-decay", type=float, default=1e-4, help="weight decay of the segmentation network")
+    group.add_argument("--val-every", type=non_negative_int, default=0,
+                       help="validate every N iterations (0: once per epoch of the source set)")
+    group.add_argument("--log-every", type=positive_int, default=10, help="log losses every N iterations")
+    group.add_argument("--checkpoint-every", type=non_negative_int, default=0,
+                       help="write last.pth every N iterations (0: at each validation)")
+    group.add_argument("--resume", default=None, help="continue from a last.pth/best.pth of this project")
+    group.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", help="disable TensorBoard logging")
+    group.add_argument("--wandb", action="store_true", help="log to Weights & Biases (honours WANDB_MODE=offline)")
+    group.add_argument("--wandb-project", default="uda-bisenet", help="W&B project name")
+    return group

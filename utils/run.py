@@ -1,0 +1,110 @@
+"""What every training script does around its step: set-up, run length, validation, final table."""
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from dataset.labels import colorize
+from utils.distributed import init_distributed, is_main_process
+from utils.evaluate import evaluate, eval_mode, predict_logits
+from utils.logger import RunLogger, write_json, write_run_info, write_text
+from utils.metrics import markdown_table, scores_to_json, text_report
+from utils.precision import Precision
+from utils.builders import resolve_fast_paths
+from utils.seed import seed_everything
+
+DEFAULT_EPOCHS = 50
+LOGGED_IMAGES = 3
+
+
+@dataclass
+class RunContext:
+    device: object
+    precision: Precision
+    logger: RunLogger
+    output_dir: Path
+
+
+def start_run(args):
+    """Device (torchrun-aware), seeds, precision, output folder with run_info.json, logger."""
+    device = init_distributed(args.device)
+    resolve_fast_paths(args, device)
+    seed_everything(args.seed)
+    precision = Precision(device, args.amp)
+    args.amp = precision.mode
+    output_dir = Path(args.output_dir)
+    if is_main_process():
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_run_info(output_dir, args, {"device": str(device)})
+    logger = RunLogger(output_dir / "tensorboard", tensorboard=getattr(args, "tensorboard", False),
+                       wandb=getattr(args, "wandb", False), wandb_project=getattr(args, "wandb_project", None),
+                       config=vars(args), run_name=output_dir.name)
+    print(f"[run] {output_dir} on {device}, precision {precision.mode}, seed {args.seed}")
+    return RunContext(device, precision, logger, output_dir)
+
+
+def resolve_schedule(args, batches_per_epoch):
+    """--max-iters or --epochs (x batches per epoch of the first stream) -> iterations; val cadence."""
+    if args.max_iters is None:
+        args.max_iters = (args.epochs or DEFAULT_EPOCHS) * batches_per_epoch
+    if not args.val_every:
+        args.val_every = min(batches_per_epoch, args.max_iters)
+    if not args.checkpoint_every:
+        args.checkpoint_every = args.val_every
+    return args.max_iters
+
+
+def make_validator(networks, loader, context, progress=True):
+    """iteration -> {name: scores} on the target validation loader for each named network."""
+    def validate(iteration):
+        return {name: evaluate(network, loader, context.device, precision=context.precision,
+                               progress=progress, description=f"val {name}")
+                for name, network in networks.items()}
+    return validate
+
+
+def make_image_logger(network, dataset, context, normalization, count=LOGGED_IMAGES):
+    """iteration -> {tag: [image, ground truth, prediction] strips} for a few target-val images."""
+    import torch
+
+    indices = list(range(min(count, len(dataset))))
+
+    def images(iteration):
+        strips = []
+        with eval_mode(network), torch.no_grad():
+            for index in indices:
+                sample = dataset[index]
+                image = sample["image"].unsqueeze(0).to(context.device)
+                label = sample["label"]
+                prediction = predict_logits(network, image, label.shape[-2:], context.precision).argmax(1)[0].cpu()
+                picture = normalization.denormalize(sample["image"])
+                if picture.shape[:2] != tuple(label.shape):
+                    from PIL import Image
+                    picture = __import__("numpy").asarray(Image.fromarray(picture).resize(label.shape[::-1]))
+                strips.append(__import__("numpy").concatenate([picture, colorize(label.numpy()), colorize(prediction.numpy())], axis=0))
+        return {"val/predictions": strips}
+    return images
+
+
+def finish_run(trainer, context, title):
+    """Print and write the final table (metrics of the last validation) and close the logger."""
+    context.logger.close()
+    if not trainer.history or not is_main_process():
+        return None
+    final = trainer.history[-1]["scores"]
+    rows = []
+    for name, scores in final.items():
+        plain = {"miou": _nan(scores["miou"]), "pixel_accuracy": _nan(scores["pixel_accuracy"]),
+                 "iou": [_nan(value) for value in scores["iou"].values()]}
+        rows.append((f"{title} ({name})" if len(final) > 1 else title, plain))
+        print(f"\n== {title}: {name}, iteration {trainer.history[-1]['iteration']} ==")
+        print(text_report(plain))
+    table = markdown_table(rows)
+    print("\n" + table)
+    write_text(context.output_dir / "final_table.md", table + "\n")
+    write_json(context.output_dir / "final_scores.json", {
+        "iteration": trainer.history[-1]["iteration"], "best_miou": trainer.best_score, "scores": final})
+    return final
+
+
+def _nan(value):
+    return math.nan if value is None else value

@@ -1,0 +1,264 @@
+"""The one training loop: iterations, learning-rate schedule, logging, validation, checkpoints.
+
+Every training script (supervised, adversarial, MPL) builds its networks, optimizers and data
+streams and hands the loop a ``step_fn``; everything around the step lives here once:
+
+* poly learning rate for each optimizer, set from the iteration before each step;
+* losses kept on the device and synchronised only every ``log_every`` iterations;
+* validation every ``val_every`` iterations, ``best.pth`` on a new best mIoU, ``metrics.json``;
+* ``last.pth`` every ``checkpoint_every`` iterations and at the end, written atomically, holding
+  the unwrapped networks, optimizers, scalers, iteration, best score, history and RNG states, so
+  ``--resume`` continues exactly (same later losses on the CPU);
+* SIGINT/SIGTERM finish the current step, write a checkpoint and exit non-zero;
+* a non-finite loss stops the run naming the iteration and term (the last checkpoint stays as it
+  was); under fp16 loss scaling such steps are skipped and counted instead, as GradScaler does,
+  until too many come in a row.
+"""
+import json
+import math
+import signal
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from utils.checkpoint import CHECKPOINT_FORMAT, CheckpointError, atomic_torch_save, load_checkpoint_file
+from utils.data import to_device
+from utils.distributed import barrier, is_main_process
+from utils.engine import NonFiniteLossError
+from utils.logger import git_commit, plain_args, write_json, write_text
+from utils.metrics import scores_to_json
+from utils.optim import poly_lr, set_lr
+from utils.seed import rng_state, set_rng_state
+
+LAST_CHECKPOINT = "last.pth"
+BEST_CHECKPOINT = "best.pth"
+METRICS_FILE = "metrics.json"
+LOSS_LOG_FILE = "losses.jsonl"  # one JSON line per logging step: iteration, mean losses, learning rates
+MAX_CONSECUTIVE_SKIPPED = 20
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (non-finite loss, too many skipped steps); the message says why."""
+
+
+class TrainingInterrupted(SystemExit):
+    """Raised after SIGINT/SIGTERM once the checkpoint is written; exits with 128 + signal."""
+
+
+class Trainer:
+    def __init__(self, *, args, output_dir, device, networks, optimizers, scalers, streams, step_fn,
+                 validate_fn=None, max_iters, val_every=0, log_every=10, checkpoint_every=0,
+                 logger=None, configs=None, lr_power=0.9, fp16_skipping=False, image_fn=None):
+        self.args = args
+        self.output_dir = Path(output_dir)
+        self.device = device
+        self.networks = networks          # name -> unwrapped nn.Module (what checkpoints hold)
+        self.optimizers = optimizers      # name -> (optimizer, base learning rate)
+        self.scalers = scalers            # name -> GradScaler
+        self.streams = streams            # name -> BatchStream
+        self.step_fn = step_fn            # (batches, iteration) -> dict of detached loss tensors
+        self.validate_fn = validate_fn    # iteration -> {name: scores}; the first name ranks "best"
+        self.image_fn = image_fn          # iteration -> {tag: [HxWx3 uint8]} for the logger
+        self.configs = configs or {}
+        self.max_iters = max_iters
+        self.val_every = val_every
+        self.log_every = max(1, log_every)
+        self.checkpoint_every = checkpoint_every
+        self.logger = logger
+        self.lr_power = lr_power
+        self.fp16_skipping = fp16_skipping
+        self.iteration = 0
+        self.best_score = -math.inf
+        self.history = []
+        self.skipped_steps = 0
+        self._stop_signal = None
+
+    # ----------------------------------------------------------------- checkpoints
+    def state(self):
+        state = {
+            "format": CHECKPOINT_FORMAT,
+            "iteration": self.iteration,
+            "best_miou": self.best_score if math.isfinite(self.best_score) else None,
+            "history": self.history,
+            "skipped_steps": self.skipped_steps,
+            "optimizers": {name: optimizer.state_dict() for name, (optimizer, _) in self.optimizers.items()},
+            "scalers": {name: scaler.state_dict() for name, scaler in self.scalers.items()},
+            "rng": rng_state(),
+            "args": plain_args(self.args),
+            "git_commit": git_commit(),
+        }
+        for name, network in self.networks.items():
+            state[name] = network.state_dict()
+            if name in self.configs:
+                state[f"{name}_config"] = self.configs[name]
+        return state
+
+    def save(self, filename):
+        if is_main_process():
+            atomic_torch_save(self.state(), self.output_dir / filename)
+        barrier()
+
+    def resume(self, path):
+        """Restore everything from a checkpoint written by ``save`` and seek the data streams."""
+        checkpoint = load_checkpoint_file(path, map_location=self.device)
+        if not isinstance(checkpoint, dict) or checkpoint.get("format") != CHECKPOINT_FORMAT or "iteration" not in checkpoint:
+            raise CheckpointError(f"{path} is not a training checkpoint of this project (no 'format': "
+                                  f"{CHECKPOINT_FORMAT!r} and 'iteration'); --resume needs a last.pth/best.pth")
+        missing = [name for name in self.networks if name not in checkpoint]
+        missing += [f"optimizers/{name}" for name in self.optimizers if name not in checkpoint.get("optimizers", {})]
+        if missing:
+            raise CheckpointError(f"{path} lacks {', '.join(missing)}: it was written by another kind of run "
+                                  f"than the flags ask (e.g. another --discriminator)")
+        for name, network in self.networks.items():
+            try:
+                network.load_state_dict(checkpoint[name])
+            except RuntimeError as error:
+                raise CheckpointError(f"{path}: the stored {name!r} does not fit the network the flags build "
+                                      f"(another --context-path or number of classes?): {str(error).splitlines()[0]}") from None
+        for name, (optimizer, _) in self.optimizers.items():
+            optimizer.load_state_dict(checkpoint["optimizers"][name])
+        for name, scaler in self.scalers.items():
+            if name in checkpoint.get("scalers", {}):
+                scaler.load_state_dict(checkpoint["scalers"][name])
+        self.iteration = int(checkpoint["iteration"])
+        best = checkpoint.get("best_miou")
+        self.best_score = -math.inf if best is None else float(best)
+        self.history = list(checkpoint.get("history", []))
+        self.skipped_steps = int(checkpoint.get("skipped_steps", 0))
+        set_rng_state(checkpoint["rng"])
+        print(f"[resume] {path}: continuing at iteration {self.iteration}/{self.max_iters}")
+
+    def _truncate_loss_log(self):
+        """Drop loss-log lines written after the checkpoint we resume from (a killed run's tail)."""
+        path = self.output_dir / LOSS_LOG_FILE
+        if not is_main_process() or not path.is_file():
+            return
+        kept = [line for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line)["iteration"] <= self.iteration]
+        write_text(path, "".join(line + "\n" for line in kept))
+
+    def _append_loss_log(self, record):
+        if is_main_process():
+            with open(self.output_dir / LOSS_LOG_FILE, "a") as handle:
+                handle.write(json.dumps(record) + "\n")
+
+    # ----------------------------------------------------------------- signals
+    def _request_stop(self, signum, frame):
+        if self._stop_signal is not None:  # a second signal: stop at once
+            raise KeyboardInterrupt
+        self._stop_signal = signum
+        print(f"\n[signal] {signal.Signals(signum).name} received: finishing the current step, then saving a checkpoint")
+
+    def _install_signal_handlers(self):
+        previous = {}
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            try:
+                previous[signum] = signal.signal(signum, self._request_stop)
+            except ValueError:  # not the main thread
+                pass
+        return previous
+
+    # ----------------------------------------------------------------- loop
+    def _set_learning_rates(self):
+        rates = {}
+        for name, (optimizer, base_lr) in self.optimizers.items():
+            rates[name] = poly_lr(base_lr, self.iteration, self.max_iters, self.lr_power)
+            set_lr(optimizer, rates[name])
+        return rates
+
+    def _validate(self):
+        if self.validate_fn is None:
+            return
+        results = self.validate_fn(self.iteration)
+        record = {"iteration": self.iteration, "scores": {name: scores_to_json(scores) for name, scores in results.items()}}
+        self.history.append(record)
+        primary = next(iter(results.values()))["miou"]
+        summary = ", ".join(f"{name} mIoU {100 * scores['miou']:.2f}" for name, scores in results.items())
+        tqdm.write(f"[val] iteration {self.iteration}: {summary}")
+        if self.logger is not None:
+            for name, scores in results.items():
+                self.logger.scalars({"miou": scores["miou"], "pixel_accuracy": scores["pixel_accuracy"]}, self.iteration, prefix=f"val/{name}/")
+                self.logger.scalars({f"iou_{index:02d}": value for index, value in enumerate(scores["iou"])}, self.iteration, prefix=f"val_class/{name}/")
+            if self.image_fn is not None:
+                for tag, images in self.image_fn(self.iteration).items():
+                    self.logger.images(tag, images, self.iteration)
+        if is_main_process():
+            write_json(self.output_dir / METRICS_FILE, {"history": self.history, "best_miou": max(self.best_score, primary)})
+        if primary > self.best_score:
+            self.best_score = primary
+            self.save(BEST_CHECKPOINT)
+
+    def run(self):
+        """Train until ``max_iters``; return the final history record (or None without validation)."""
+        for stream in self.streams.values():
+            stream.seek(self.iteration)
+        self._truncate_loss_log()  # a fresh run starts a new log; a resumed one drops a killed run's tail
+        previous_handlers = self._install_signal_handlers()
+        running = {}
+        consecutive_skips = 0
+        progress = tqdm(total=self.max_iters, initial=self.iteration, desc="train", dynamic_ncols=True,
+                        disable=not is_main_process())
+        started = time.perf_counter()
+        try:
+            while self.iteration < self.max_iters:
+                rates = self._set_learning_rates()
+                batches = {name: to_device(next(stream), self.device) for name, stream in self.streams.items()}
+                try:
+                    losses = self.step_fn(batches, self.iteration)
+                except NonFiniteLossError as error:
+                    if not self.fp16_skipping:
+                        raise TrainingError(
+                            f"iteration {self.iteration}: {error}. The run stops here; the last good "
+                            f"checkpoint ({self.output_dir / LAST_CHECKPOINT}) was left as it was. Lower "
+                            f"the learning rate or check the data of this step."
+                        ) from None
+                    self.skipped_steps += 1
+                    consecutive_skips += 1
+                    tqdm.write(f"[amp] iteration {self.iteration}: {error}; step skipped ({self.skipped_steps} so far)")
+                    if consecutive_skips > MAX_CONSECUTIVE_SKIPPED:
+                        raise TrainingError(f"{consecutive_skips} steps in a row had non-finite losses "
+                                            f"(last at iteration {self.iteration}); stopping") from None
+                    for optimizer, _ in self.optimizers.values():
+                        optimizer.zero_grad(set_to_none=True)
+                    self.iteration += 1
+                    progress.update(1)
+                    continue
+                consecutive_skips = 0
+                for name, value in losses.items():
+                    running[name] = running.get(name, 0.0) + value
+                self.iteration += 1
+                progress.update(1)
+
+                if self.iteration % self.log_every == 0 or self.iteration == self.max_iters:
+                    means = {name: float(total) / self.log_every for name, total in running.items()}
+                    running = {}
+                    progress.set_postfix({**{k: f"{v:.3f}" for k, v in means.items()},
+                                          **{f"lr_{k}": f"{v:.1e}" for k, v in rates.items()}}, refresh=False)
+                    self._append_loss_log({"iteration": self.iteration, **means, **{f"lr_{k}": v for k, v in rates.items()}})
+                    if self.logger is not None:
+                        self.logger.scalars(means, self.iteration, prefix="train/")
+                        self.logger.scalars(rates, self.iteration, prefix="lr/")
+                if self.val_every and (self.iteration % self.val_every == 0 or self.iteration == self.max_iters):
+                    self._validate()
+                if self.checkpoint_every and self.iteration % self.checkpoint_every == 0 and self.iteration < self.max_iters:
+                    self.save(LAST_CHECKPOINT)
+                if self._stop_signal is not None:
+                    self.save(LAST_CHECKPOINT)
+                    name = signal.Signals(self._stop_signal).name
+                    raise TrainingInterrupted(
+                        f"[signal] {name}: stopped after iteration {self.iteration}; checkpoint written to "
+                        f"{self.output_dir / LAST_CHECKPOINT}. Continue with --resume {self.output_dir / LAST_CHECKPOINT}"
+                    )
+            self.save(LAST_CHECKPOINT)
+        finally:
+            progress.close()
+            for signum, handler in previous_handlers.items():
+                signal.signal(signum, handler)
+            if self.logger is not None:
+                self.logger.flush()
+        elapsed = time.perf_counter() - started
+        tqdm.write(f"[train] finished {self.iteration} iterations in {elapsed:.1f} s"
+                   + (f" ({self.skipped_steps} skipped non-finite steps)" if self.skipped_steps else ""))
+        return self.history[-1] if self.history else None
