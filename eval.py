@@ -10,6 +10,12 @@ Examples:
   python eval.py --checkpoint runs/dsc/best.pth
   python eval.py --checkpoint course_model.pth --data-root /data --eval-size 1024x512 --save-predictions preds/
   python eval.py --checkpoint runs/dsc/best.pth --benchmark
+  torchrun --standalone --nproc_per_node=4 eval.py --checkpoint runs/dsc/best.pth --data-root /data
+
+Under torchrun each process scores every N-th image (no padding: an uneven split neither drops nor
+repeats images), the confusion matrices are summed over processes, each process writes the
+--save-predictions images of its own share, and only rank 0 prints and writes eval.json/eval.md
+(and runs --benchmark).
 """
 from pathlib import Path
 
@@ -24,7 +30,7 @@ from utils.builders import make_eval_loader, prepare_network, resolve_data, reso
 from utils.checkpoint import atomic_write
 from utils.distributed import cleanup_distributed, init_distributed, is_main_process
 from utils.evaluate import evaluate
-from utils.logger import write_json, write_text
+from utils.logger import setup_console_logging, write_json, write_text
 from utils.metrics import markdown_table, scores_to_json, text_report
 from utils.options import add_data_args, make_parser, non_negative_int, positive_int, size_type
 from utils.precision import AMP_CHOICES, Precision
@@ -80,6 +86,7 @@ def prediction_writer(directory, official):
 
 
 def main(args):
+    setup_console_logging()
     device = init_distributed(args.device)
     resolve_fast_paths(args, device)
     model = load_bisenet(args.checkpoint, map_location="cpu", key=args.network)
@@ -104,7 +111,7 @@ def main(args):
     result = {"checkpoint": str(args.checkpoint), "format": info["format"], "context_path": info["context_path"],
               "split": args.split, "images": len(dataset), "eval_size": list(args.eval_size),
               "input_convention": args.input_convention, "precision": precision.mode, **scores_to_json(scores)}
-    if args.benchmark:
+    if args.benchmark and is_main_process():  # one process times; the others would compete for the device
         height, width = args.benchmark_size or args.eval_size
         result["benchmark"] = [
             inference_throughput(model, device, batch, height, width, precision,

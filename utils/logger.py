@@ -122,3 +122,10 @@ def write_run_info(output_dir, args, extra=None):
     }
     write_json(Path(output_dir) / "run_info.json", info)
     return info
+
+
+def setup_console_logging(level="INFO"):
+    """Show the library's log lines (checkpoint format read, missing keys, ...) on the console."""
+    import logging
+
+    logging.basicConfig(level=getattr(logging, level), format="[%(name)s] %(message)s")

@@ -4,9 +4,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dataset.labels import colorize
-from utils.distributed import init_distributed, is_main_process
+from utils.distributed import get_world_size, init_distributed, is_main_process
 from utils.evaluate import evaluate, eval_mode, predict_logits
-from utils.logger import RunLogger, write_json, write_run_info, write_text
+from utils.logger import RunLogger, setup_console_logging, write_json, write_run_info, write_text
 from utils.metrics import markdown_table, scores_to_json, text_report
 from utils.precision import Precision
 from utils.builders import resolve_fast_paths
@@ -26,6 +26,7 @@ class RunContext:
 
 def start_run(args):
     """Device (torchrun-aware), seeds, precision, output folder with run_info.json, logger."""
+    setup_console_logging()
     device = init_distributed(args.device)
     resolve_fast_paths(args, device)
     seed_everything(args.seed)
@@ -34,11 +35,12 @@ def start_run(args):
     output_dir = Path(args.output_dir)
     if is_main_process():
         output_dir.mkdir(parents=True, exist_ok=True)
-        write_run_info(output_dir, args, {"device": str(device)})
+        write_run_info(output_dir, args, {"device": str(device), "world_size": get_world_size()})
     logger = RunLogger(output_dir / "tensorboard", tensorboard=getattr(args, "tensorboard", False),
                        wandb=getattr(args, "wandb", False), wandb_project=getattr(args, "wandb_project", None),
                        config=vars(args), run_name=output_dir.name)
-    print(f"[run] {output_dir} on {device}, precision {precision.mode}, seed {args.seed}")
+    processes = f" x {get_world_size()} processes" if get_world_size() > 1 else ""
+    print(f"[run] {output_dir} on {device}{processes}, precision {precision.mode}, seed {args.seed}")
     return RunContext(device, precision, logger, output_dir)
 
 

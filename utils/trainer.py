@@ -10,6 +10,10 @@ streams and hands the loop a ``step_fn``; everything around the step lives here 
   the unwrapped networks, optimizers, scalers, iteration, best score, history and RNG states, so
   ``--resume`` continues exactly (same later losses on the CPU);
 * SIGINT/SIGTERM finish the current step, write a checkpoint and exit non-zero;
+* under torchrun an iteration is one *global* step (batch size x processes samples per domain):
+  the streams, the LR schedule and ``max_iters`` all count global steps, logged losses are means
+  over all ranks, only rank 0 writes files, and a checkpoint resumes on any number of processes
+  (the same global batch continues the same sample order);
 * a non-finite loss stops the run naming the iteration and term (the last checkpoint stays as it
   was); under fp16 loss scaling such steps are skipped and counted instead, as GradScaler does,
   until too many come in a row.
@@ -18,6 +22,7 @@ import json
 import math
 import signal
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -25,7 +30,7 @@ from tqdm import tqdm
 
 from utils.checkpoint import CHECKPOINT_FORMAT, CheckpointError, atomic_torch_save, load_checkpoint_file
 from utils.data import to_device
-from utils.distributed import barrier, is_main_process
+from utils.distributed import all_reduce_mean, barrier, get_world_size, is_main_process
 from utils.engine import NonFiniteLossError
 from utils.logger import git_commit, plain_args, write_json, write_text
 from utils.metrics import scores_to_json
@@ -86,6 +91,8 @@ class Trainer:
             "optimizers": {name: optimizer.state_dict() for name, (optimizer, _) in self.optimizers.items()},
             "scalers": {name: scaler.state_dict() for name, scaler in self.scalers.items()},
             "rng": rng_state(),
+            "world_size": get_world_size(),
+            "global_batch_sizes": self._global_batch_sizes(),
             "args": plain_args(self.args),
             "git_commit": git_commit(),
         }
@@ -94,6 +101,9 @@ class Trainer:
             if name in self.configs:
                 state[f"{name}_config"] = self.configs[name]
         return state
+
+    def _global_batch_sizes(self):
+        return {name: stream.sampler.batch_size * stream.sampler.world_size for name, stream in self.streams.items()}
 
     def save(self, filename):
         if is_main_process():
@@ -129,6 +139,20 @@ class Trainer:
         self.skipped_steps = int(checkpoint.get("skipped_steps", 0))
         set_rng_state(checkpoint["rng"])
         print(f"[resume] {path}: continuing at iteration {self.iteration}/{self.max_iters}")
+        self._check_global_batch(path, checkpoint)
+
+    def _check_global_batch(self, path, checkpoint):
+        """A different process count is fine; a different global batch changes the run (warn)."""
+        stored_world = checkpoint.get("world_size", 1)
+        if stored_world != get_world_size():
+            print(f"[resume] written by {stored_world} process(es), continuing on {get_world_size()}")
+        stored = checkpoint.get("global_batch_sizes")
+        now = self._global_batch_sizes()
+        if stored is not None and stored != now:
+            warnings.warn(f"{path} was trained with global batches {stored}, this run uses {now} (batch size x "
+                          f"processes): the iteration count and LR schedule continue, but the epochs and the "
+                          f"sample order differ from the original run. Keep batch size x processes equal to "
+                          f"continue it exactly.", stacklevel=2)
 
     def _truncate_loss_log(self):
         """Drop loss-log lines written after the checkpoint we resume from (a killed run's tail)."""
@@ -181,7 +205,7 @@ class Trainer:
             for name, scores in results.items():
                 self.logger.scalars({"miou": scores["miou"], "pixel_accuracy": scores["pixel_accuracy"]}, self.iteration, prefix=f"val/{name}/")
                 self.logger.scalars({f"iou_{index:02d}": value for index, value in enumerate(scores["iou"])}, self.iteration, prefix=f"val_class/{name}/")
-            if self.image_fn is not None:
+            if self.image_fn is not None and is_main_process():
                 for tag, images in self.image_fn(self.iteration).items():
                     self.logger.images(tag, images, self.iteration)
         if is_main_process():
@@ -232,7 +256,7 @@ class Trainer:
                 progress.update(1)
 
                 if self.iteration % self.log_every == 0 or self.iteration == self.max_iters:
-                    means = {name: float(total) / self.log_every for name, total in running.items()}
+                    means = {name: float(total) / self.log_every for name, total in all_reduce_mean(running).items()}
                     running = {}
                     progress.set_postfix({**{k: f"{v:.3f}" for k, v in means.items()},
                                           **{f"lr_{k}": f"{v:.1e}" for k, v in rates.items()}}, refresh=False)

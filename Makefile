@@ -1,0 +1,31 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   the main job: the report's pipeline on the built-in synthetic benchmark
+#   make test   the test suite
+# Both create the virtual environment $(VENV) and install what they need into it.
+PYTHON ?= python3
+VENV ?= .venv
+# The torch build to install first; override for another platform, e.g.
+#   make demo TORCH_SPEC="torch torchvision --index-url https://download.pytorch.org/whl/cpu"
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+DEMO_ARGS ?=
+PY := $(VENV)/bin/python
+
+.PHONY: venv demo test clean-results
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade --quiet pip
+	$(PY) -c "import torch, torchvision" 2>/dev/null || $(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet -r requirements.txt -r requirements-dev.txt
+	touch $@
+
+demo: venv
+	$(PY) experiments.py --output-dir results/synthetic $(DEMO_ARGS)
+
+test: venv
+	$(PY) -m pytest -q tests
+
+clean-results:
+	rm -rf results/synthetic
