@@ -7,6 +7,10 @@ best.pth in --output-dir and prints the final table.
 Examples:
   python trainSupervised.py --output-dir runs/supervised --max-iters 300
   python trainSupervised.py --output-dir runs/gta5_only --train-domain gta5
+  torchrun --standalone --nproc_per_node=4 trainSupervised.py --output-dir runs/supervised --batch-size 2 --sync-bn
+
+Under torchrun an iteration is a global step of --batch-size x processes samples per domain;
+see docs/DISTRIBUTED.md.
 """
 from dataset.normalization import get_normalization
 from model import build_bisenet

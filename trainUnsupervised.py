@@ -9,6 +9,10 @@ per-class IoU), keeps last.pth and best.pth in --output-dir and prints the final
 Examples:
   python trainUnsupervised.py --output-dir runs/dsc --discriminator dsc --max-iters 300
   python trainUnsupervised.py --output-dir runs/dsc_pl --discriminator dsc --use-pseudolabels runs/pseudo
+  torchrun --standalone --nproc_per_node=4 trainUnsupervised.py --output-dir runs/dsc --batch-size 2 --sync-bn
+
+Under torchrun an iteration is a global step of --batch-size x processes samples per domain;
+see docs/DISTRIBUTED.md.
 """
 from functools import partial
 

@@ -16,6 +16,7 @@ from dataset.gta5 import GTA5Dataset
 from dataset.normalization import get_normalization
 from dataset.transforms import eval_transform, train_transform
 from utils.data import BatchStream, eval_loader
+from utils.distributed import configure_batchnorm
 
 REPORT_SOURCE_SIZE = (720, 1280)   # (height, width), GTA5 as trained in the report
 REPORT_TARGET_SIZE = (512, 1024)   # Cityscapes
@@ -106,11 +107,16 @@ def resolve_fast_paths(args, device):
 
 
 def prepare_network(network, args, device):
-    """Move to the device in the chosen memory format."""
+    """Move to the device in the chosen memory format; apply --sync-bn / --freeze-bn where given.
+
+    Call it before building the optimizer and before ``wrap_ddp`` (SyncBatchNorm must be in place
+    when DistributedDataParallel wraps the network).
+    """
     network = network.to(device)
     if getattr(args, "channels_last", "off") == "on":
         network = network.to(memory_format=torch.channels_last)
-    return network
+    return configure_batchnorm(network, device, sync_bn=getattr(args, "sync_bn", False),
+                               freeze_bn=getattr(args, "freeze_bn", False))
 
 
 def maybe_compile(network, args):

@@ -50,10 +50,18 @@ def set_requires_grad(module, flag):
 
 
 def check_finite(losses):
-    """One host sync per step: raise NonFiniteLossError naming the bad terms, before any update."""
+    """One host sync per step: raise NonFiniteLossError naming the bad terms, before any update.
+
+    Under torchrun every rank must take the same decision (a rank that skipped a step would leave
+    the others waiting in DDP's gradient all-reduce), so the finite flag is MIN-reduced.
+    """
     values = torch.stack([value.detach().float() for value in losses.values()])
-    if not bool(torch.isfinite(values).all()):
-        raise NonFiniteLossError([name for name, value in losses.items() if not torch.isfinite(value).all()])
+    finite = torch.isfinite(values).all().to(torch.int32)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+    if not bool(finite):
+        bad = [name for name, value in losses.items() if not torch.isfinite(value).all()]
+        raise NonFiniteLossError(bad or ["another process's losses"])
 
 
 def supervised_step(model, optimizer, scaler, precision, images, labels):

@@ -117,17 +117,27 @@ def add_runtime_args(parser):
                        help="torch.compile the segmentation network (auto: on for CUDA)")
     group.add_argument("--seed", type=int, default=0, help="random seed")
     group.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+    group.add_argument("--sync-bn", action="store_true",
+                       help="under torchrun, BatchNorm statistics over the global batch of all processes "
+                            "(SyncBatchNorm; CUDA only, a no-op in one process)")
     return group
 
 
 def add_training_args(parser, default_lr=2.5e-2):
     group = parser.add_argument_group("training")
     group.add_argument("--output-dir", required=True, help="run folder: checkpoints, args, metrics, logs")
-    group.add_argument("--batch-size", type=positive_int, default=4, help="batch size per domain (per process under torchrun)")
+    group.add_argument("--batch-size", type=positive_int, default=4,
+                       help="batch size per domain and per process; under torchrun one iteration (global step) "
+                            "uses batch-size x processes samples of each domain")
     length = group.add_mutually_exclusive_group()
-    length.add_argument("--max-iters", type=positive_int, default=None, help="number of training iterations")
+    length.add_argument("--max-iters", type=positive_int, default=None,
+                        help="number of training iterations (global steps; the poly LR schedule counts them too)")
     length.add_argument("--epochs", type=positive_int, default=None,
-                        help="number of epochs over the (source) training set; default 50 when --max-iters is not given")
+                        help="number of epochs over the (source) training set, in global batches; "
+                             "default 50 when --max-iters is not given")
+    group.add_argument("--freeze-bn", action="store_true",
+                       help="keep BatchNorm layers in eval mode (running statistics, not updated; affine weights "
+                            "still train): for small per-process batches, and a step independent of the process count")
     group.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd", help="segmentation network optimizer")
     group.add_argument("--learning-rate", type=positive_float, default=default_lr, help="initial learning rate (poly decay, power 0.9)")
     group.add_argument("--momentum", type=float, default=0.9, help="SGD/RMSprop momentum")

@@ -21,6 +21,7 @@ streams and hands the loop a ``step_fn``; everything around the step lives here 
 import json
 import math
 import signal
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -28,9 +29,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from utils.checkpoint import CHECKPOINT_FORMAT, CheckpointError, atomic_torch_save, load_checkpoint_file
+from dataset.common import data_report
+from utils.checkpoint import (CHECKPOINT_FORMAT, CheckpointError, atomic_torch_save, load_checkpoint_file,
+                              remove_stale_temporaries)
 from utils.data import to_device
-from utils.distributed import all_reduce_mean, barrier, get_world_size, is_main_process
+from utils.distributed import all_reduce_max, all_reduce_mean, barrier, get_world_size, is_main_process
 from utils.engine import NonFiniteLossError
 from utils.logger import git_commit, plain_args, write_json, write_text
 from utils.metrics import scores_to_json
@@ -42,6 +45,9 @@ BEST_CHECKPOINT = "best.pth"
 METRICS_FILE = "metrics.json"
 LOSS_LOG_FILE = "losses.jsonl"  # one JSON line per logging step: iteration, mean losses, learning rates
 MAX_CONSECUTIVE_SKIPPED = 20
+# The flag that sets each entry of a network's config (model.model_config, discriminator config).
+CONFIG_FLAGS = {"context_path": "--context-path", "num_classes": "--num-classes",
+                "input_convention": "--input-convention", "name": "--discriminator"}
 
 
 class TrainingError(RuntimeError):
@@ -49,7 +55,13 @@ class TrainingError(RuntimeError):
 
 
 class TrainingInterrupted(SystemExit):
-    """Raised after SIGINT/SIGTERM once the checkpoint is written; exits with 128 + signal."""
+    """Raised after SIGINT/SIGTERM once the checkpoint is written; ``str()`` is the message (printed
+    to stderr before raising) and the process exits with 128 + signal (130 SIGINT, 143 SIGTERM)."""
+
+    def __init__(self, message, signum):
+        super().__init__(message)
+        self.signum = signum
+        self.code = 128 + signum  # what the interpreter exits with
 
 
 class Trainer:
@@ -79,6 +91,7 @@ class Trainer:
         self.history = []
         self.skipped_steps = 0
         self._stop_signal = None
+        self._resumed = False
 
     # ----------------------------------------------------------------- checkpoints
     def state(self):
@@ -121,12 +134,15 @@ class Trainer:
         if missing:
             raise CheckpointError(f"{path} lacks {', '.join(missing)}: it was written by another kind of run "
                                   f"than the flags ask (e.g. another --discriminator)")
+        self._check_configs(path, checkpoint)
         for name, network in self.networks.items():
             try:
                 network.load_state_dict(checkpoint[name])
             except RuntimeError as error:
+                details = [line.strip() for line in str(error).splitlines()[1:] if line.strip()] or [str(error)]
+                more = f" (and {len(details) - 1} more)" if len(details) > 1 else ""
                 raise CheckpointError(f"{path}: the stored {name!r} does not fit the network the flags build "
-                                      f"(another --context-path or number of classes?): {str(error).splitlines()[0]}") from None
+                                      f"(another --context-path or number of classes?): {details[0]}{more}") from None
         for name, (optimizer, _) in self.optimizers.items():
             optimizer.load_state_dict(checkpoint["optimizers"][name])
         for name, scaler in self.scalers.items():
@@ -138,8 +154,22 @@ class Trainer:
         self.history = list(checkpoint.get("history", []))
         self.skipped_steps = int(checkpoint.get("skipped_steps", 0))
         set_rng_state(checkpoint["rng"])
+        self._resumed = True
         print(f"[resume] {path}: continuing at iteration {self.iteration}/{self.max_iters}")
         self._check_global_batch(path, checkpoint)
+
+    def _check_configs(self, path, checkpoint):
+        """Refuse a checkpoint whose networks were built with other settings than the flags ask now."""
+        for name, config in self.configs.items():
+            stored = checkpoint.get(f"{name}_config")
+            if not isinstance(stored, dict) or not isinstance(config, dict):
+                continue
+            differing = [key for key in config if key in stored and stored[key] != config[key]]
+            if differing:
+                described = ", ".join(f"{CONFIG_FLAGS.get(key, key)} {stored[key]} (now {config[key]})"
+                                      for key in differing)
+                raise CheckpointError(f"{path} holds a {name!r} network built with {described}: resume with the "
+                                      f"flags of the run that wrote it, or start a new run in another --output-dir")
 
     def _check_global_batch(self, path, checkpoint):
         """A different process count is fine; a different global batch changes the run (warn)."""
@@ -174,6 +204,14 @@ class Trainer:
             raise KeyboardInterrupt
         self._stop_signal = signum
         print(f"\n[signal] {signal.Signals(signum).name} received: finishing the current step, then saving a checkpoint")
+
+    def _stop_requested(self):
+        """Whether to stop now; under torchrun every rank decides together (a signal reaches the
+        ranks at slightly different times, and a rank saving alone would wait for the others forever)."""
+        signum = all_reduce_max(self._stop_signal or 0, self.device)
+        if signum and self._stop_signal is None:
+            self._stop_signal = signum
+        return bool(signum)
 
     def _install_signal_handlers(self):
         previous = {}
@@ -214,8 +252,30 @@ class Trainer:
             self.best_score = primary
             self.save(BEST_CHECKPOINT)
 
+    def _check_output_dir(self):
+        """Drop temporaries a killed save left behind; say so when a fresh run will replace a run's files."""
+        if not is_main_process():
+            return
+        for filename in (LAST_CHECKPOINT, BEST_CHECKPOINT):
+            if remove_stale_temporaries(self.output_dir / filename):
+                print(f"[run] removed the unfinished temporary file(s) of {self.output_dir / filename} "
+                      f"left by a killed save")
+        if not self._resumed and (self.output_dir / LAST_CHECKPOINT).is_file():
+            warnings.warn(f"{self.output_dir} already holds {LAST_CHECKPOINT}, but this run starts from iteration 0 "
+                          f"(no --resume): its checkpoints, metrics and loss log will be replaced. Stop now and "
+                          f"add --resume {self.output_dir / LAST_CHECKPOINT} to continue that run instead.",
+                          stacklevel=3)
+
+    def _report_data(self):
+        for name, stream in self.streams.items():
+            dataset = getattr(stream, "dataset", None)
+            line = data_report(dataset) if hasattr(dataset, "stats") else None
+            if line and is_main_process():
+                tqdm.write(line)
+
     def run(self):
         """Train until ``max_iters``; return the final history record (or None without validation)."""
+        self._check_output_dir()
         for stream in self.streams.values():
             stream.seek(self.iteration)
         self._truncate_loss_log()  # a fresh run starts a new log; a resumed one drops a killed run's tail
@@ -223,7 +283,7 @@ class Trainer:
         running = {}
         consecutive_skips = 0
         progress = tqdm(total=self.max_iters, initial=self.iteration, desc="train", dynamic_ncols=True,
-                        disable=not is_main_process())
+                        disable=not (is_main_process() and getattr(self.args, "progress", True)))
         started = time.perf_counter()
         try:
             while self.iteration < self.max_iters:
@@ -268,13 +328,14 @@ class Trainer:
                     self._validate()
                 if self.checkpoint_every and self.iteration % self.checkpoint_every == 0 and self.iteration < self.max_iters:
                     self.save(LAST_CHECKPOINT)
-                if self._stop_signal is not None:
+                if self._stop_requested():
                     self.save(LAST_CHECKPOINT)
                     name = signal.Signals(self._stop_signal).name
-                    raise TrainingInterrupted(
-                        f"[signal] {name}: stopped after iteration {self.iteration}; checkpoint written to "
-                        f"{self.output_dir / LAST_CHECKPOINT}. Continue with --resume {self.output_dir / LAST_CHECKPOINT}"
-                    )
+                    message = (f"[signal] {name}: stopped after iteration {self.iteration}; checkpoint written to "
+                               f"{self.output_dir / LAST_CHECKPOINT}. Continue with --resume "
+                               f"{self.output_dir / LAST_CHECKPOINT}")
+                    print(message, file=sys.stderr, flush=True)
+                    raise TrainingInterrupted(message, self._stop_signal)
             self.save(LAST_CHECKPOINT)
         finally:
             progress.close()
@@ -285,4 +346,5 @@ class Trainer:
         elapsed = time.perf_counter() - started
         tqdm.write(f"[train] finished {self.iteration} iterations in {elapsed:.1f} s"
                    + (f" ({self.skipped_steps} skipped non-finite steps)" if self.skipped_steps else ""))
+        self._report_data()
         return self.history[-1] if self.history else None
