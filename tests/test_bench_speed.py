@@ -1,0 +1,93 @@
+"""Smoke test of bench/speed.py: every section at toy sizes on the CPU, and the JSON it writes.
+
+No timing is asserted (the numbers mean nothing at these sizes); what is checked is that each
+section runs, records what it measured, and that the output has the structure the GPU run relies on.
+"""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+SPEED = Path(__file__).resolve().parents[1] / "bench" / "speed.py"
+SUMMARY_FIELDS = {"figure", "anchor", "naive", "ours", "ours_config", "ratio", "goal", "met", "note"}
+
+
+def load_speed():
+    spec = importlib.util.spec_from_file_location("bench_speed", SPEED)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def speed():
+    return load_speed()
+
+
+@pytest.fixture(scope="module")
+def toy_run(speed, tmp_path_factory):
+    out = tmp_path_factory.mktemp("speed")
+    threads = torch.get_num_threads()
+    try:
+        result = speed.main(speed.get_args(["--device", "cpu", "--profile", "toy", "--out", str(out), "--no-compile",
+                                            "--threads", "1", "--budget-s", "1000"]))
+    finally:
+        torch.set_num_threads(threads)
+    return result, out
+
+
+def test_toy_run_writes_json_and_markdown(speed, toy_run):
+    result, out = toy_run
+    data = json.loads((out / "speed_toy.json").read_text())
+    assert data["schema"] == speed.SCHEMA and data["profile"] == "toy" and data["complete"] is True
+    for field in ("device", "torch", "torchvision", "cpu_count", "load_average_start", "args", "settings"):
+        assert field in data
+    assert data["device_type"] == "cpu"
+    assert set(data["sections"]) == set(speed.SECTIONS)
+    for name, section in data["sections"].items():
+        assert section["entries"], f"section {name} recorded nothing"
+        for entry in section["entries"]:
+            assert {"key", "name", "settings", "wall_s"} <= set(entry)
+            assert "error" not in entry and "skipped" not in entry, (name, entry.get("error") or entry.get("skipped"))
+    assert data["summary"] and all(set(row) == SUMMARY_FIELDS for row in data["summary"])
+    markdown = (out / "speed_toy.md").read_text()
+    assert "| figure | anchor (course code, H100) | naive (ours, same run) | ours | ratio ours/naive | goal | met? |" \
+        in markdown
+
+
+def test_toy_run_measures_each_section(toy_run):
+    result, _ = toy_run
+    get = {name: {e["key"]: e for e in section["entries"]} for name, section in result["sections"].items()}
+    inference = get["inference"]["resnet18/128x64/b1/naive"]
+    assert inference["images_per_s"] > 0 and 0.0 <= inference["agreement"] <= 1.0
+    assert get["training"]["resnet18+dsc/ours"]["median_ms"] > 0
+    curves = get["training"]["loss_curves"]
+    assert set(curves["curves"]) == {"fp32", "ours"} and len(curves["curves"]["fp32"]["loss_seg"]) == 2
+    assert curves["max_rel_diff"] < 1e-3  # fp32 NCHW vs fp32 channels_last: rounding only
+    assert get["training"]["e2e"]["median_ms"] > 0
+    # The batched per-image thresholds equal the course's np.median loop up to float16 rounding.
+    assert get["pseudolabels"]["stat_naive"]["max_abs_diff_vs_per_image_thresholds"] < 1e-3
+    assert get["pseudolabels"]["pass1"]["images_per_s"] > 0
+    assert get["mpl"]["pham"]["ratio_to_adversarial"] > 0
+    assert get["loader"]["gta5/workers"]["images_per_s"] > 0 and get["loader"]["cityscapes/1"]["images_per_s"] > 0
+    assert get["lut"]["remap"]["identical_output"] is True
+    assert get["flops"]["BiSeNet-R18"]["gflops"] > 0
+
+
+def test_a_failing_entry_is_recorded_and_the_run_goes_on(speed, tmp_path):
+    args = speed.get_args(["--device", "cpu", "--profile", "toy", "--out", str(tmp_path)])
+    recorder = speed.Recorder(args, speed.PROFILES["toy"], torch.device("cpu"), tmp_path)
+
+    def broken():
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    recorder.run(speed.Job("inference", "broken", "a broken entry", broken))
+    recorder.run(speed.Job("inference", "fine", "a fine entry", lambda: {"images_per_s": 1.0}))
+    recorder.run(speed.Job("inference", "late", "too expensive", lambda: {}, cost_s=1e9))
+    entries = {e["key"]: e for e in recorder.result["sections"]["inference"]["entries"]}
+    assert entries["broken"]["error"] == "RuntimeError: CUDA out of memory (simulated)"
+    assert entries["fine"]["images_per_s"] == 1.0
+    assert entries["late"]["skipped"].startswith("time budget")
+    assert json.loads((tmp_path / "speed_toy.json").read_text())["sections"]["inference"]["entries"][0]["key"] == "broken"
