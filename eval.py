@@ -26,7 +26,8 @@ from dataset.labels import colorize, train_ids_to_ids
 from dataset.paths import cityscapes_result_name
 from model import load_bisenet
 from utils.benchmark import inference_throughput
-from utils.builders import make_eval_loader, prepare_network, resolve_data, resolve_fast_paths, target_eval_dataset
+from utils.builders import (make_eval_loader, maybe_compile, prepare_network, resolve_data, resolve_fast_paths,
+                            target_eval_dataset)
 from utils.checkpoint import atomic_write
 from utils.distributed import cleanup_distributed, init_distributed, is_main_process
 from utils.evaluate import evaluate
@@ -99,7 +100,7 @@ def main(args):
     resolve_data(args, need_source=False)
     dataset = target_eval_dataset(args, split=args.split)
     loader = make_eval_loader(args, dataset, device, batch_size=args.batch_size)
-    model = prepare_network(model, args, device)
+    model = maybe_compile(prepare_network(model, args, device), args)
     precision = Precision(device, args.amp)
     writer = None
     if args.save_predictions:

@@ -122,5 +122,6 @@ def prepare_network(network, args, device):
 def maybe_compile(network, args):
     """``torch.compile`` when --compile is on; the uncompiled module is kept for checkpoints."""
     if getattr(args, "compile", "off") == "on":
-        return torch.compile(network)
+        # Static shapes: source and target sizes differ, and dynamic graphs are slower.
+        return torch.compile(network, dynamic=False)
     return network

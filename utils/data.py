@@ -90,6 +90,9 @@ class BatchStream:
         self.loader = DataLoader(
             SeededSamples(dataset), batch_size=batch_size, sampler=self.sampler, num_workers=num_workers,
             pin_memory=pin_memory, drop_last=True, worker_init_fn=seed_worker,
+            # Workers survive epoch boundaries (the sampler runs in the main process, so a new
+            # epoch or a seek only changes which (index, seed) pairs they are sent).
+            persistent_workers=num_workers > 0,
             # Own generator: creating an iterator must not consume the global RNG (exact resume).
             generator=make_generator(seed),
         )
