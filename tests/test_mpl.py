@@ -1,0 +1,344 @@
+"""Meta Pseudo Labels: feedback sign, teacher gradients, thresholds, augmentation, exact resume."""
+import copy
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import MPL
+from dataset.labels import IGNORE_INDEX, NUM_CLASSES
+from model import build_bisenet, build_discriminator, load_bisenet, model_config
+from utils.checkpoint import CHECKPOINT_FORMAT, load_checkpoint_file
+from utils.engine import SOURCE_DOMAIN, domain_loss, main_output, segmentation_loss, set_requires_grad
+from utils.mpl import (CourseFeedback, Learner, MPLStep, PhamFeedback, PseudoLabeler, augment_view, flip_where,
+                       pseudo_label_loss, read_thresholds, running_stats_frozen)
+from utils.optim import build_optimizer
+from utils.precision import Precision
+from utils.pseudolabel_stats import ConfidenceHistogram, apply_thresholds, softmax_confidence
+
+SIZE = (32, 64)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tensors this small run faster on one thread, and a busy shared machine cannot oversubscribe it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+LAMBDA_ADV = 0.1  # larger than the default so the adversarial terms visibly matter on tiny inputs
+UDA_WEIGHT = 0.5
+
+
+def _batch(seed, labels=True):
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(2, 3, *SIZE, generator=generator)
+    return images, (torch.randint(0, NUM_CLASSES, (2, *SIZE), generator=generator) if labels else None)
+
+
+def _learner(seed, lr=1e-2):
+    torch.manual_seed(seed)
+    model = build_bisenet("resnet18", NUM_CLASSES)
+    discriminator = build_discriminator("dsc", NUM_CLASSES)
+    precision = Precision("cpu", "off")
+    return Learner(model, build_optimizer("sgd", model.parameters(), lr), precision.grad_scaler(), discriminator,
+                   build_optimizer("adam", discriminator.parameters(), 1e-3, weight_decay=0.0), precision.grad_scaler())
+
+
+def _mpl(feedback, refresh=2, thresholds=None, uda_weight=UDA_WEIGHT):
+    return MPLStep(student=_learner(0), teacher=_learner(1), labeler=PseudoLabeler(NUM_CLASSES, refresh, thresholds),
+                   feedback=feedback, precision=Precision("cpu", "off"), lambda_adv=LAMBDA_ADV, uda_weight=uda_weight)
+
+
+class ForcedFeedback(nn.Module):
+    """A feedback whose coefficient is fixed by the test."""
+
+    needs_loss_after = False
+
+    def __init__(self, value):
+        super().__init__()
+        self.value = value
+
+    def forward(self, student_losses, loss_after, student_lr, iteration):
+        return torch.tensor(self.value), {}
+
+
+def _snapshot(module):
+    return {name: value.detach().clone() for name, value in module.state_dict().items()}
+
+
+def _changed(before, module):
+    return [name for name, value in module.state_dict().items() if not torch.equal(before[name], value)]
+
+
+def _teacher_gradients_at_step(step, source, target):
+    """Run one MPL step; return the teacher's gradients as its optimizer saw them (the step is skipped)."""
+    seen = {}
+
+    def capture(*args, **kwargs):
+        seen.update({name: p.grad.clone() for name, p in step.teacher.model.named_parameters() if p.grad is not None})
+
+    step.teacher.optimizer.step = capture
+    step(source[0], source[1], target[0], 0)
+    return seen
+
+
+# ---------------------------------------------------------------------------------- feedback
+def test_pham_h_sign_follows_the_student_labeled_loss_change_and_coefficient_reinforces_on_improvement():
+    feedback = PhamFeedback(baseline_decay=1.0)  # no baseline: h is the raw change
+    before = {"loss_seg": torch.tensor(2.0)}
+    coefficient, logs = feedback(before, torch.tensor(2.5), 0.01, 0)
+    assert logs["mpl_h"].item() == pytest.approx(0.5) and coefficient.item() == pytest.approx(-0.5)
+    coefficient, logs = feedback(before, torch.tensor(1.5), 0.01, 1)
+    assert logs["mpl_h"].item() == pytest.approx(-0.5) and coefficient.item() == pytest.approx(0.5)
+
+    # Baseline as in the official code: updated with the current change, then subtracted.
+    feedback = PhamFeedback(baseline_decay=0.9)
+    _, logs = feedback(before, torch.tensor(3.0), 0.01, 0)
+    assert feedback.baseline.item() == pytest.approx(0.1) and logs["mpl_h"].item() == pytest.approx(0.9)
+    _, logs = feedback(before, torch.tensor(1.0), 0.01, 1)  # change -1: baseline 0.9 * 0.1 - 0.1 = -0.01
+    assert feedback.baseline.item() == pytest.approx(-0.01) and logs["mpl_h"].item() == pytest.approx(-0.99)
+
+
+def test_course_feedback_is_alpha_times_lr_times_target_and_source_losses():
+    feedback = CourseFeedback(ramp_iters=10)
+    losses = {"loss_seg": torch.tensor(2.0), "loss_pseudo": torch.tensor(3.0)}
+    assert feedback(losses, None, 0.1, 0)[0].item() == 0.0  # the student's feedback is ignored at first
+    assert feedback(losses, None, 0.1, 5)[0].item() == pytest.approx(0.5 * 0.1 * 3.0 * 2.0)
+    coefficient, logs = feedback(losses, None, 0.1, 50)
+    assert coefficient.item() == pytest.approx(0.6) and logs["mpl_alpha"].item() == 1.0
+
+
+def test_mpl_step_measures_h_on_the_student_labeled_batch_after_its_update():
+    step = _mpl(PhamFeedback(baseline_decay=1.0))
+    source, target = _batch(1), _batch(2, labels=False)
+    before = copy.deepcopy(step.student.model)
+    losses = step(source[0], source[1], target[0], 0)
+    with torch.no_grad():
+        loss_before = segmentation_loss(before(source[0]), source[1])
+        with running_stats_frozen(step.student.model):
+            loss_after = segmentation_loss(step.student.model(source[0]), source[1])
+    assert losses["loss_seg"].item() == pytest.approx(loss_before.item(), rel=1e-5)
+    assert losses["loss_seg_after"].item() == pytest.approx(loss_after.item(), rel=1e-5)
+    assert losses["mpl_h"].item() == pytest.approx(loss_after.item() - loss_before.item(), rel=1e-4, abs=1e-5)
+    assert torch.sign(losses["mpl_h"]) == torch.sign(loss_after - loss_before)
+    assert losses["mpl_coefficient"].item() == pytest.approx(-losses["mpl_h"].item())
+
+
+def test_running_stats_frozen_uses_batch_statistics_and_leaves_buffers_alone():
+    torch.manual_seed(0)
+    model = build_bisenet("resnet18", NUM_CLASSES)
+    images, _ = _batch(3)
+    buffers = _snapshot(model)
+    with torch.no_grad(), running_stats_frozen(model):
+        frozen = main_output(model(images))
+    assert _changed(buffers, model) == []
+    with torch.no_grad():
+        plain = main_output(model(images))  # train mode: same batch statistics, but buffers move
+    assert torch.allclose(frozen, plain, atol=1e-5) and _changed(buffers, model)
+    assert all(layer.track_running_stats for layer in model.modules() if isinstance(layer, nn.BatchNorm2d))
+
+
+# ---------------------------------------------------------------------------------- teacher
+def test_zero_feedback_mpl_term_adds_no_teacher_gradient_and_one_adds_exactly_its_cross_entropy():
+    source, target = _batch(1), _batch(2, labels=False)
+    gradients = {}
+    for value in (0.0, 1.0):
+        step = _mpl(ForcedFeedback(value))
+        teacher0, discriminator0, labeler0 = (copy.deepcopy(step.teacher.model), copy.deepcopy(step.teacher.discriminator),
+                                              copy.deepcopy(step.labeler))
+        gradients[value] = _teacher_gradients_at_step(step, source, target)
+
+    # Reference: the teacher's loss without any MPL term, from the same initial state and view.
+    set_requires_grad(discriminator0, False)
+    view, flipped = augment_view(target[0], step.view_generator(0, target[0].device))
+    logits, logits_view = main_output(teacher0(torch.cat((target[0], view)))).split(2)
+    pseudo = labeler0(logits.detach(), 0)
+    mpl_term = pseudo_label_loss(logits, pseudo)
+    other_terms = (UDA_WEIGHT * pseudo_label_loss(logits_view, flip_where(pseudo, flipped))
+                   + LAMBDA_ADV * domain_loss(discriminator0, torch.softmax(logits, 1), SOURCE_DOMAIN)
+                   + segmentation_loss(teacher0(source[0]), source[1]))
+    parameters = [p for _, p in teacher0.named_parameters()]
+    names = [name for name, _ in teacher0.named_parameters()]
+    expected = torch.autograd.grad(other_terms, parameters, retain_graph=True, allow_unused=True)
+    expected_mpl = torch.autograd.grad(mpl_term, parameters, allow_unused=True)
+    assert mpl_term.item() > 0
+    for name, grad, grad_mpl in zip(names, expected, expected_mpl):
+        zero = torch.zeros_like(gradients[0.0][name])
+        torch.testing.assert_close(gradients[0.0][name], zero if grad is None else grad, rtol=1e-4, atol=1e-6)
+        # A difference of two sums: its rounding error scales with the whole gradient, not with the term.
+        scale = gradients[1.0][name].abs().max().item()
+        torch.testing.assert_close(gradients[1.0][name] - gradients[0.0][name], zero if grad_mpl is None else grad_mpl,
+                                   rtol=1e-3, atol=1e-4 * scale + 1e-7)
+    assert any(g is not None and g.abs().sum() > 0 for g in expected_mpl)
+
+
+def test_one_mpl_step_updates_teacher_student_and_both_discriminators():
+    step = _mpl(PhamFeedback())
+    parts = {"student": step.student.model, "teacher": step.teacher.model,
+             "student discriminator": step.student.discriminator, "teacher discriminator": step.teacher.discriminator}
+    before = {name: _snapshot(module) for name, module in parts.items()}
+    source, target = _batch(1), _batch(2, labels=False)
+    losses = step(source[0], source[1], target[0], 0)
+    for name, module in parts.items():
+        assert any("weight" in key for key in _changed(before[name], module)), f"{name} was not updated"
+    assert {"loss_seg", "loss_adv", "loss_pseudo", "loss_d", "t_loss_seg", "t_loss_adv", "t_loss_mpl", "t_loss_uda",
+            "t_loss_d", "mpl_h", "mpl_coefficient", "pl_kept"} <= set(losses)
+    assert all(torch.isfinite(value).all() for value in losses.values())
+    assert all(p.requires_grad for p in step.teacher.discriminator.parameters())
+
+
+def test_a_batch_without_confident_pixels_trains_the_student_on_the_source_only():
+    # Nothing reaches a threshold of 1.0; --uda-weight 0 drops the augmented view altogether.
+    step = _mpl(CourseFeedback(10), refresh=0, thresholds=torch.ones(NUM_CLASSES), uda_weight=0.0)
+    source, target = _batch(1), _batch(2, labels=False)
+    losses = step(source[0], source[1], target[0], 3)
+    assert "loss_pseudo" not in losses and losses["pl_kept"].item() == 0.0 and "t_loss_uda" not in losses
+    assert losses["t_loss_mpl"].item() == 0.0 and losses["mpl_coefficient"].item() == 0.0
+    assert torch.isfinite(losses["t_loss_seg"]) and torch.isfinite(losses["loss_seg"])
+
+
+# ---------------------------------------------------------------------------------- pseudo labels
+def test_pseudo_labeler_refreshes_thresholds_from_the_window_since_the_last_refresh():
+    labeler = PseudoLabeler(NUM_CLASSES, refresh=3)
+    generator = torch.Generator().manual_seed(0)
+    batches = [3 * torch.randn(2, NUM_CLASSES, 8, 8, generator=generator) for _ in range(5)]
+
+    def reference(window):
+        histogram = ConfidenceHistogram(NUM_CLASSES)
+        for logits in window:
+            histogram.update(*softmax_confidence(logits))
+        return histogram.thresholds()
+
+    for iteration, logits in enumerate(batches):
+        labels = labeler(logits, iteration)
+        expected = reference(batches[:1]) if iteration < 3 else reference(batches[1:4])
+        assert torch.equal(labeler.thresholds, expected), iteration
+        assert torch.equal(labels, apply_thresholds(*softmax_confidence(logits), expected).long())
+    assert labeler.counts.sum() == batches[4][:, 0].numel()  # only the batch after the last refresh
+
+    restored = PseudoLabeler(NUM_CLASSES, refresh=3)
+    restored.load_state_dict(copy.deepcopy(labeler.state_dict()))
+    restored._apply(lambda tensor: tensor.clone())  # what .to(device) does: new buffers
+    assert restored.histogram.counts is restored.counts and torch.equal(restored.counts, labeler.counts)
+
+
+def test_fixed_thresholds_and_their_file_formats(tmp_path):
+    values = [0.1 * (c % 10) for c in range(NUM_CLASSES)]
+    labeler = PseudoLabeler(NUM_CLASSES, refresh=0, thresholds=values)
+    logits = 3 * torch.randn(2, NUM_CLASSES, 8, 8)
+    assert torch.equal(labeler(logits, 0), apply_thresholds(*softmax_confidence(logits), torch.tensor(values)).long())
+    assert "counts" not in labeler.state_dict()
+
+    names = MPL.read_thresholds.__globals__["CLASS_NAMES"]
+    formats = {
+        "list": {"thresholds": values},
+        "createpseudolabels": {"mode": "dataset", "thresholds": None,
+                               "classes": {name: {"train_id": c, "threshold": values[c], "median": 0.5}
+                                           for c, name in enumerate(names)}},
+        "entries": [{"threshold": value} for value in values],
+    }
+    for name, data in formats.items():
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(data))
+        assert torch.equal(read_thresholds(path), torch.tensor(values, dtype=torch.float64)), name
+    for bad in ({"thresholds": values[:-1]}, {"thresholds": [2.0] * NUM_CLASSES}, {"mode": "per-image", "thresholds": None}):
+        path = tmp_path / "bad.json"
+        path.write_text(json.dumps(bad))
+        with pytest.raises(SystemExit):
+            read_thresholds(path)
+
+
+def test_augmented_view_is_a_pure_function_of_the_iteration_and_flips_consistently():
+    step = _mpl(PhamFeedback())
+    images, _ = _batch(4)
+    images = torch.cat((images, images.flip(-1)))  # 4 images: enough to see both flip outcomes often
+    first, flipped = augment_view(images, step.view_generator(7, images.device))
+    torch.randn(10)  # the global RNG plays no part
+    again, flipped_again = augment_view(images, step.view_generator(7, images.device))
+    other, _ = augment_view(images, step.view_generator(8, images.device))
+    assert torch.equal(first, again) and torch.equal(flipped, flipped_again) and not torch.equal(first, other)
+    aligned = flip_where(images, flipped)
+    for index in range(len(images)):
+        correlation = torch.corrcoef(torch.stack((first[index].flatten(), aligned[index].flatten())))[0, 1]
+        assert correlation > 0.8, index
+    labels = torch.arange(SIZE[1]).expand(len(images), *SIZE)
+    assert torch.equal(flip_where(flip_where(labels, flipped), flipped), labels)
+
+
+# ---------------------------------------------------------------------------------- the script
+COMMON = ["--source-size", "64x36", "--target-size", "64x32", "--batch-size", "2", "--workers", "0",
+          "--log-every", "1", "--no-progress", "--seed", "3", "--no-tensorboard"]
+
+
+@pytest.fixture(scope="module")
+def teacher_checkpoint(tmp_path_factory):
+    torch.manual_seed(11)
+    model = build_bisenet("resnet18", NUM_CLASSES)
+    path = tmp_path_factory.mktemp("teacher") / "teacher.pth"
+    torch.save({"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "model_config": model_config(model, "imagenet")}, path)
+    return path
+
+
+def _args(data_root, output_dir, teacher, *extra):
+    return MPL.get_args(["--data-root", str(data_root), "--output-dir", str(output_dir), "--teacher-checkpoint",
+                         str(teacher), *COMMON, *extra])
+
+
+def _losses(run_dir):
+    return [json.loads(line) for line in (run_dir / "losses.jsonl").read_text().splitlines()]
+
+
+def test_resumed_mpl_run_equals_uninterrupted(tiny_data_root, teacher_checkpoint, tmp_path):
+    # --refresh 3: the checkpoint at iteration 2 must carry the histogram of iterations 1-2.
+    flags = ["--max-iters", "4", "--val-every", "2", "--refresh", "3", "--baseline-decay", "0.5"]
+    straight = tmp_path / "straight"
+    MPL.main(_args(tiny_data_root, straight, teacher_checkpoint, *flags))
+    split = tmp_path / "split"
+    trainer_cls = MPL.Trainer
+
+    class StopAtTwo(trainer_cls):
+        def save(self, filename):
+            super().save(filename)
+            if filename == "last.pth" and self.iteration == 2:
+                raise KeyboardInterrupt
+
+    MPL.Trainer = StopAtTwo
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            MPL.main(_args(tiny_data_root, split, teacher_checkpoint, *flags))
+    finally:
+        MPL.Trainer = trainer_cls
+    assert load_checkpoint_file(split / "last.pth")["iteration"] == 2
+    MPL.main(_args(tiny_data_root, split, teacher_checkpoint, *flags, "--resume", str(split / "last.pth")))
+
+    assert _losses(split) == _losses(straight)
+    final_straight, final_split = load_checkpoint_file(straight / "last.pth"), load_checkpoint_file(split / "last.pth")
+    for network in ("model", "teacher", "discriminator", "discriminator_teacher", "mpl"):
+        for key, value in final_straight[network].items():
+            assert torch.equal(value, final_split[network][key]), f"{network}.{key} differs after resume"
+    assert final_straight["history"] == final_split["history"]
+    assert list(final_straight["history"][-1]["scores"]) == ["student", "teacher"]
+    assert final_straight["mpl"]["feedback.baseline"] != 0
+
+
+def test_course_run_checkpoints_both_networks_for_eval(tiny_data_root, teacher_checkpoint, tmp_path):
+    run = tmp_path / "course"
+    trainer = MPL.main(_args(tiny_data_root, run, teacher_checkpoint, "--feedback", "course", "--discriminator", "0",
+                             "--max-iters", "1", "--teacher-learning-rate", "1e-3", "--teacher-optimizer", "adam"))
+    assert set(trainer.networks) == {"model", "teacher", "discriminator", "discriminator_teacher", "mpl"}
+    assert type(trainer.optimizers["teacher"][0]).__name__ == "Adam" and trainer.optimizers["teacher"][1] == 1e-3
+    teacher = load_bisenet(run / "last.pth", key="teacher")
+    student = load_bisenet(run / "last.pth")
+    assert teacher.checkpoint_info["input_convention"] == "imagenet"
+    assert not torch.equal(teacher.classifier.weight, student.classifier.weight)
+    checkpoint = load_checkpoint_file(run / "last.pth")
+    assert checkpoint["discriminator_teacher_config"]["name"] == "fcd"
+    assert set(_losses(run)[0]) >= {"mpl_H", "mpl_alpha", "t_loss_mpl", "t_loss_uda"}
+
+
+def test_inconsistent_threshold_flags_are_refused(tmp_path, teacher_checkpoint):
+    for flags in (["--refresh", "0"], ["--refresh", "5", "--thresholds", str(tmp_path / "t.json")]):
+        with pytest.raises(SystemExit, match="thresholds"):
+            MPL.main(MPL.get_args(["--output-dir", str(tmp_path), "--teacher-checkpoint", str(teacher_checkpoint), *flags]))
