@@ -42,6 +42,7 @@ from utils.options import add_data_args, make_parser, non_negative_int, positive
 from utils.precision import AMP_CHOICES, Precision
 from utils.pseudolabel_stats import MAX_THRESHOLD
 from utils.pseudolabels import DEFAULT_WRITER_THREADS, format_report, generate_pseudo_labels, resolve_input_convention
+from utils.cli import run_main
 
 NETWORKS = ("model", "teacher")
 # Options of the shared data group that only training uses (hidden here; --skip-bad is refused).
@@ -133,4 +134,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args())
+    run_main(main, get_args)

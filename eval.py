@@ -35,6 +35,7 @@ from utils.logger import setup_console_logging, write_json, write_text
 from utils.metrics import markdown_table, scores_to_json, text_report
 from utils.options import add_data_args, make_parser, non_negative_int, positive_int, size_type
 from utils.precision import AMP_CHOICES, Precision
+from utils.cli import run_main
 
 RESULTS_SUBDIR = "cityscapes_results"  # label-id PNGs for cityscapesscripts (CITYSCAPES_RESULTS)
 COLOR_SUBDIR = "color"
@@ -136,4 +137,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args())
+    run_main(main, get_args)

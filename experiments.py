@@ -34,6 +34,7 @@ from utils.metrics import scores_to_json
 from utils.options import make_parser, non_negative_int, positive_int, size_type
 from utils.precision import Precision
 from utils.report import mean_std, plot_miou_curves, plot_qualitative, table1_markdown, table2_markdown
+from utils.cli import run_main
 
 QUALITATIVE_IMAGES = 4
 COMPLEXITY_SIZE = (512, 1024)  # the report's Table II resolution (height, width)
@@ -203,4 +204,4 @@ def _table2():
 
 
 if __name__ == "__main__":
-    main(get_args())
+    run_main(main, get_args)

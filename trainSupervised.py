@@ -23,6 +23,7 @@ from utils.optim import build_optimizer
 from utils.options import add_data_args, add_model_args, add_runtime_args, add_training_args, make_parser
 from utils.run import finish_run, make_image_logger, make_validator, resolve_schedule, start_run
 from utils.trainer import Trainer
+from utils.cli import run_main
 
 TRAIN_DOMAINS = ("cityscapes", "gta5")
 
@@ -76,4 +77,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args())
+    run_main(main, get_args)

@@ -28,6 +28,7 @@ from utils.options import add_data_args, add_model_args, add_runtime_args, add_t
 from utils.run import finish_run, make_image_logger, make_validator, resolve_schedule, start_run
 from utils.trainer import Trainer
 from dataset.normalization import get_normalization
+from utils.cli import run_main
 
 
 def get_args(argv=None):
@@ -95,4 +96,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args())
+    run_main(main, get_args)

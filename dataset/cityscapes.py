@@ -90,6 +90,8 @@ class CityscapesDataset(SegmentationDataset):
             self.label_paths = gt_labels
         else:
             self.label_paths = [None] * len(self.image_paths)
+        if not skip_bad:
+            self.check_first_sample()
 
     # ---- layouts -------------------------------------------------------------------------------
     def _labels_required_error(self, folder):
@@ -156,12 +158,18 @@ class CityscapesDataset(SegmentationDataset):
         return images, labels
 
     # ---- reading -------------------------------------------------------------------------------
+    def _size_mismatch_error(self, index, label_hw, image_hw):
+        error = super()._size_mismatch_error(index, label_hw, image_hw)
+        if self.label_source == "pseudo":
+            error = DatasetError(f"{error}: pseudo labels must be at their image's full size; were they made for "
+                                 f"another dataset or size? Regenerate {self.pseudo_label_dir} with createpseudolabels.py")
+        return error
+
     def _read_label(self, index, image):
         path = self.label_paths[index]
         values = read_label_ids(path)
         if values.shape != (image.height, image.width):
-            raise DatasetError(f"label {path} is {values.shape[0]}x{values.shape[1]} but its image "
-                               f"{self.image_paths[index]} is {image.height}x{image.width} (HxW)")
+            raise self._size_mismatch_error(index, values.shape, (image.height, image.width))
         if self.label_source == "pseudo":
             invalid = ~VALID_TRAIN_ID[values]
             if invalid.any():

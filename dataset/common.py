@@ -4,8 +4,9 @@ Every failure to use a file raises ``DatasetError`` naming that file. Label PNGs
 and Cityscapes share the Cityscapes ids) and are mapped to trainIds with the 256-entry lookup
 table of ``dataset.labels``; pseudo labels already hold trainIds and are only validated.
 
-``dataset.stats`` counts the events met while loading, per process: counts made inside
-DataLoader workers stay in the workers and are not added to the main process's dict.
+``dataset.stats`` counts the events met while loading (skipped samples, resized labels, unknown
+ids) over every process that loads from the dataset: the counters live in a small shared-memory
+tensor, one row per DataLoader worker, so a run can report them at its end (``data_report``).
 """
 import warnings
 import zlib
@@ -25,6 +26,10 @@ _READ_ERRORS = (OSError, SyntaxError, ValueError, EOFError, zlib.error, Image.De
 _SINGLE_CHANNEL_MODES = ("L", "P", "I", "I;16", "I;16L", "I;16B", "I;16N")
 MAX_LISTED = 5  # how many offending files an error message names before giving the count
 MAX_CONSECUTIVE_SKIPS = 16  # with skip_bad, more failures in a row than this mean a broken setup
+STAT_KEYS = ("resized_labels", "unknown_ids", "unknown_id_samples", "skipped")
+# Counter rows: 0 = the main process, 1 + worker id = a DataLoader worker (ids past the table share
+# rows modulo its size; each process only ever adds to its own row, so no lock is needed).
+STAT_ROWS = 65
 
 KNOWN_ID = np.zeros(LUT_SIZE, dtype=bool)
 KNOWN_ID[[label.id for label in LABELS]] = True
@@ -73,6 +78,26 @@ def read_list_file(path):
     return [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
 
 
+def _colour_label_error(path, mode, bands):
+    return DatasetError(
+        f"label file {path} has {len(bands)} channels (mode {mode}): expected a "
+        f"single-channel id PNG (e.g. *_gtFine_labelIds.png), not a colour-coded label "
+        f"(e.g. *_gtFine_color.png)"
+    )
+
+
+def _read_header(path, kind):
+    """(mode, (width, height)) from a file's header only; ``DatasetError`` naming it if unreadable."""
+    try:
+        with Image.open(path) as image:
+            mode, size, bands = image.mode, image.size, image.getbands()
+    except _READ_ERRORS as error:
+        raise DatasetError(f"cannot read {kind} file {path}: {error}") from error
+    if kind == "label" and mode not in _SINGLE_CHANNEL_MODES:
+        raise _colour_label_error(path, mode, bands)
+    return mode, size
+
+
 def _open_fully(path, kind):
     """Open and decode a whole image file, so truncation shows up here and not later."""
     try:
@@ -97,11 +122,7 @@ def read_label_ids(path):
     """
     image = _open_fully(path, "label")
     if image.mode not in _SINGLE_CHANNEL_MODES:
-        raise DatasetError(
-            f"label file {path} has {len(image.getbands())} channels (mode {image.mode}): expected a "
-            f"single-channel id PNG (e.g. *_gtFine_labelIds.png), not a colour-coded label "
-            f"(e.g. *_gtFine_color.png)"
-        )
+        raise _colour_label_error(path, image.mode, image.getbands())
     ids = np.asarray(image)
     if ids.dtype != np.uint8:
         if ids.size and (ids.min() < 0 or ids.max() >= LUT_SIZE):
@@ -121,6 +142,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
     """
 
     domain = None
+    label_size_must_match = True  # GTA5 resizes a label of another size instead (a known data fault)
 
     def __init__(self, transform=None, normalization=None, skip_bad=False):
         self.transform = transform
@@ -130,7 +152,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
         self.image_paths = []
         self.label_paths = []
         self.names = []
-        self.stats = {"resized_labels": 0, "unknown_ids": 0, "unknown_id_samples": 0, "skipped": 0}
+        self._counts = torch.zeros(STAT_ROWS, len(STAT_KEYS), dtype=torch.int64).share_memory_()
         self._warned = set()
 
     def __len__(self):
@@ -139,6 +161,17 @@ class SegmentationDataset(torch.utils.data.Dataset):
     @property
     def labeled(self):
         return bool(self.label_paths) and self.label_paths[0] is not None
+
+    @property
+    def stats(self):
+        """Counts of this dataset's loading events, summed over the main process and its workers."""
+        return dict(zip(STAT_KEYS, self._counts.sum(0).tolist()))
+
+    def count(self, key, amount=1):
+        """Add to counter ``key`` (one of ``STAT_KEYS``) from whichever process is loading."""
+        worker = torch.utils.data.get_worker_info()
+        row = 0 if worker is None else 1 + worker.id % (STAT_ROWS - 1)
+        self._counts[row, STAT_KEYS.index(key)] += amount
 
     def _warn_once(self, key, message):
         if key not in self._warned:
@@ -149,8 +182,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
         """Map ids by lookup table, counting the pixels whose id is not in the table (-> 255)."""
         unknown = int(np.count_nonzero(~KNOWN_ID[ids]))
         if unknown:
-            self.stats["unknown_ids"] += unknown
-            self.stats["unknown_id_samples"] += 1
+            self.count("unknown_ids", unknown)
+            self.count("unknown_id_samples")
             values = np.unique(ids[~KNOWN_ID[ids]]).tolist()
             self._warn_once("unknown_ids", f"label file {path} holds ids not in the label table "
                                            f"{values[:10]}; mapped to {IGNORE_INDEX}")
@@ -159,6 +192,23 @@ class SegmentationDataset(torch.utils.data.Dataset):
     def _read_label(self, index, image):
         """PIL "L" image of trainIds, the size of ``image``, for sample ``index``."""
         raise NotImplementedError
+
+    def _size_mismatch_error(self, index, label_hw, image_hw):
+        return DatasetError(f"label {self.label_paths[index]} is {label_hw[0]}x{label_hw[1]} but its image "
+                            f"{self.image_paths[index]} is {image_hw[0]}x{image_hw[1]} (HxW)")
+
+    def check_first_sample(self):
+        """Read the headers of the first image and label, so that a systematic fault (a folder of
+        colour-coded labels, labels of another size, files that are not images) stops the run at
+        start-up, before any network is built, instead of at its first batch."""
+        if not len(self):
+            return
+        _, (width, height) = _read_header(self.image_paths[0], "image")
+        if self.label_paths[0] is None:
+            return
+        _, (label_width, label_height) = _read_header(self.label_paths[0], "label")
+        if self.label_size_must_match and (label_height, label_width) != (height, width):
+            raise self._size_mismatch_error(0, (label_height, label_width), (height, width))
 
     def load(self, index):
         """Read and transform sample ``index`` (no skipping)."""
@@ -188,7 +238,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
                 return self.load(current)
             except DatasetError as error:
                 errors.append(error)
-                self.stats["skipped"] += 1
+                self.count("skipped")
                 warnings.warn(f"skipping unreadable sample {self.names[current]!r}: {error}", DatasetWarning,
                               stacklevel=2)
         raise DatasetError(f"{len(errors)} consecutive unreadable samples from index {index} "
@@ -197,3 +247,26 @@ class SegmentationDataset(torch.utils.data.Dataset):
     def __repr__(self):
         return (f"{type(self).__name__}({len(self)} samples, domain={self.domain!r}, "
                 f"labeled={self.labeled}, normalization={self.normalization.name!r})")
+
+
+def data_report(dataset, name=None):
+    """One line on what loading ``dataset`` met (skipped samples, repaired labels), or None if nothing.
+
+    Counts are summed over the DataLoader workers and count every load: a bad sample met in two
+    epochs counts twice.
+    """
+    stats = dataset.stats
+    parts = []
+    if stats["skipped"]:
+        parts.append(f"{stats['skipped']} unreadable sample(s) skipped (--skip-bad; the warnings above name them)")
+    if stats["resized_labels"]:
+        parts.append(f"{stats['resized_labels']} label(s) of another size than their image resized NEAREST")
+    if stats["unknown_ids"]:
+        parts.append(f"{stats['unknown_ids']} pixel(s) in {stats['unknown_id_samples']} label(s) held ids outside "
+                     f"the label table and were mapped to {IGNORE_INDEX}")
+    if not parts:
+        return None
+    if name is None:
+        split = getattr(dataset, "split", None)
+        name = f"{dataset.domain} {getattr(dataset, 'root', '')}" + (f" ({split})" if split else "")
+    return f"[data] {name}: " + "; ".join(parts)

@@ -36,6 +36,7 @@ def _relative_image_path(line):
 
 class GTA5Dataset(SegmentationDataset):
     domain = "gta5"
+    label_size_must_match = False
 
     def __init__(self, root, split=None, list_file=None, transform=None, normalization=None, skip_bad=False):
         if split not in SPLITS:
@@ -82,12 +83,14 @@ class GTA5Dataset(SegmentationDataset):
                             f"file name, in {labels_dir})")
         if problems:
             raise DatasetError(f"GTA5 {source}: " + "; ".join(problems))
+        if not skip_bad:
+            self.check_first_sample()
 
     def _read_label(self, index, image):
         path = self.label_paths[index]
         ids = read_label_ids(path)
         if ids.shape != (image.height, image.width):
-            self.stats["resized_labels"] += 1
+            self.count("resized_labels")
             self._warn_once("resized_labels", f"label {path} is {ids.shape[0]}x{ids.shape[1]} but its image "
                                               f"{self.image_paths[index]} is {image.height}x{image.width} (HxW); "
                                               f"labels of another size are resized NEAREST to their image")

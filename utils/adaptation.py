@@ -2,6 +2,7 @@
 import argparse
 from pathlib import Path
 
+from dataset.common import DatasetError
 from model import build_discriminator, resolve_discriminator_name
 from utils.optim import OPTIMIZERS, build_optimizer
 
@@ -43,10 +44,10 @@ def resolve_pseudo_label_dir(args):
     """The one pseudo-label folder the flags name (new or old spelling), or None."""
     if args.usepseudolabels and args.use_pseudolabels is None:
         if args.pseudo_path is None:
-            raise SystemExit("--usepseudolabels 1 needs --pseudo-path DIR (or use --use-pseudolabels DIR)")
+            raise DatasetError("--usepseudolabels 1 needs --pseudo-path DIR (or use --use-pseudolabels DIR)")
         args.use_pseudolabels = args.pseudo_path
     if args.use_pseudolabels is not None and not Path(args.use_pseudolabels).is_dir():
-        raise SystemExit(f"--use-pseudolabels {args.use_pseudolabels}: no such folder "
+        raise DatasetError(f"--use-pseudolabels {args.use_pseudolabels}: no such folder "
                          f"(create it with createpseudolabels.py --output-dir {args.use_pseudolabels})")
     return args.use_pseudolabels
 

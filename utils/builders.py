@@ -52,7 +52,7 @@ def resolve_data(args, need_source=True):
     if crop is not None and args.scale_range is None:
         for flag, size in (("--source-size", getattr(args, "source_size", None)), ("--target-size", args.target_size)):
             if size is not None and (crop[0] > size[0] or crop[1] > size[1]):
-                raise SystemExit(f"--crop-size {crop[1]}x{crop[0]} is larger than {flag} {size[1]}x{size[0]}; "
+                raise DatasetError(f"--crop-size {crop[1]}x{crop[0]} is larger than {flag} {size[1]}x{size[0]}; "
                                  f"choose a smaller crop (padding with ignore pixels would only waste compute)")
     return args
 

@@ -4,6 +4,7 @@ Writes go to a temporary file in the target directory, are fsynced, then ``os.re
 the destination, so a crash at any moment leaves either the previous file or the new one whole.
 Reads use ``torch.load(weights_only=True)``: a pickle that would run code is refused.
 """
+import glob
 import os
 import re
 import tempfile
@@ -12,6 +13,18 @@ from pathlib import Path
 import torch
 
 CHECKPOINT_FORMAT = "uda-bisenet/1"
+_TORCH_MAGIC = (b"PK\x03\x04", b"\x80")  # how torch.save's zip archive and the legacy pickle format begin
+
+
+def _read_umask():
+    # Read once at import: os.umask can only be read by setting it, which is not thread-safe.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp creates 0600 files; a written file gets the permissions open() would have given it.
+_FILE_MODE = 0o666 & ~_read_umask()
 
 
 class CheckpointError(ValueError):
@@ -27,6 +40,7 @@ def atomic_write(path, write_fn, suffix=".tmp"):
         with os.fdopen(fd, "wb") as handle:
             write_fn(handle)
             handle.flush()
+            os.fchmod(handle.fileno(), _FILE_MODE)
             os.fsync(handle.fileno())
         os.replace(tmp_name, path)
     except BaseException:
@@ -48,6 +62,20 @@ def _fsync_directory(directory):
         pass
     finally:
         os.close(fd)
+
+
+def remove_stale_temporaries(path, suffix=".tmp"):
+    """Delete the temporary files that writes of ``path`` left behind when their process was killed
+    between creating and renaming them (SIGKILL, power loss); return how many were removed."""
+    path = Path(path)
+    removed = 0
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*{suffix}"):
+        try:
+            stale.unlink()
+            removed += 1
+        except FileNotFoundError:
+            pass
+    return removed
 
 
 def atomic_torch_save(obj, path):
@@ -74,10 +102,23 @@ def load_checkpoint_file(path, map_location="cpu"):
                 f"loaded; checkpoints are only read with torch.load(weights_only=True). Only load files "
                 f"from a trusted source, and re-save them as plain tensors/dicts"
             ) from None
-        reason = text.splitlines()[0] if text else type(error).__name__
+        reason = f"{type(error).__name__}: {text.splitlines()[0].split('. ')[0]}" if text else type(error).__name__
         if "Weights only load failed" in reason:
             reason = "its contents are not a pickled PyTorch object"
+        head = _first_bytes(path)
+        if not head:
+            reason = "the file is empty"
+        elif not head.startswith(_TORCH_MAGIC):
+            reason = f"it is not a PyTorch file (a zip archive or a pickle); it starts with {head!r}"
         raise CheckpointError(
             f"{path} is not a readable PyTorch checkpoint (truncated, corrupted or another file "
-            f"type): {type(error).__name__}: {reason[:200]}"
+            f"type): {reason[:200]}"
         ) from None
+
+
+def _first_bytes(path, count=16):
+    try:
+        with open(path, "rb") as handle:
+            return handle.read(count)
+    except OSError:
+        return b""

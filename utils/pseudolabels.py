@@ -390,9 +390,19 @@ def state_dict_sha256(model):
     return digest.hexdigest()
 
 
+def files_sha256(paths):
+    """Hash of the names, sizes and modification times of files: notices data regenerated in place."""
+    digest = hashlib.sha256()
+    for path in paths:
+        stat = Path(path).stat()
+        digest.update(f"{path}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
 def prediction_identity(model, dataset, precision=None, scales=(1.0,), flip=False, num_classes=NUM_CLASSES):
     """Everything pass 1's result depends on, as plain JSON values (checked before reusing it)."""
     root = getattr(dataset, "root", None)
+    label_paths = [path for path in getattr(dataset, "label_paths", []) if path is not None]
     normalization = getattr(dataset, "normalization", None)
     return {
         "model_sha256": state_dict_sha256(model),
@@ -402,6 +412,7 @@ def prediction_identity(model, dataset, precision=None, scales=(1.0,), flip=Fals
         "split": getattr(dataset, "split", None),
         "images": len(dataset),
         "names_sha256": hashlib.sha256("\n".join(dataset.names).encode()).hexdigest(),
+        "files_sha256": files_sha256([*dataset.image_paths, *label_paths]),
         "transform": repr(getattr(dataset, "transform", None)),
         "normalization": getattr(normalization, "name", repr(normalization)),
         "precision": precision.mode if precision is not None else "off",

@@ -1,5 +1,6 @@
 """Seeding in one place: Python, numpy and torch, plus reproducible DataLoader workers."""
 import random
+import signal
 
 import numpy as np
 import torch
@@ -12,7 +13,14 @@ def seed_everything(seed):
 
 
 def seed_worker(worker_id):
-    """``worker_init_fn``: derive numpy/random seeds from the torch seed the DataLoader gave the worker."""
+    """``worker_init_fn``: derive numpy/random seeds from the torch seed the DataLoader gave the worker.
+
+    Workers ignore SIGINT/SIGTERM: a signal sent to the whole process group (Ctrl-C, SLURM) must
+    reach only the main process, which finishes its step and checkpoints; a worker dying first
+    would make the DataLoader raise and lose that work.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     worker_seed = torch.initial_seed() % 2 ** 32
     np.random.seed(worker_seed)
     random.seed(worker_seed)
