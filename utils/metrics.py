@@ -27,7 +27,10 @@ class ConfusionMatrix:
             raise ValueError(f"target shape {tuple(target.shape)} != prediction shape {tuple(prediction.shape)}")
         target = target.reshape(-1).to(self.matrix.device)
         prediction = prediction.reshape(-1).to(self.matrix.device)
-        valid = (target != self.ignore_index) & (target >= 0) & (target < self.num_classes)
+        # Pixels whose ground truth is ignored are skipped; a prediction outside the classes (e.g.
+        # 255 from a thresholded map) must not land in another cell, so it is skipped too.
+        valid = ((target != self.ignore_index) & (target >= 0) & (target < self.num_classes)
+                 & (prediction >= 0) & (prediction < self.num_classes))
         indices = self.num_classes * target[valid].long() + prediction[valid].long()
         self.matrix += torch.bincount(indices, minlength=self.num_classes ** 2).view(self.num_classes, self.num_classes)
 

@@ -556,7 +556,8 @@ def quality_report(histogram, label_stats, raw_confusion=None, settings=None):
     if label_stats.confusion is not None and raw_confusion is not None:
         raw = raw_confusion.cpu().double()
         pseudo = label_stats.confusion.matrix.cpu().double()
-        columns.update({"labeled_pixels": raw.sum(0).long().tolist(), "accuracy_all": (raw.diag() / raw.sum(0)).tolist(),
+        columns.update({"labeled_pixels": raw.sum(0).long().tolist(),
+                        "accuracy_all": (raw.diag() / raw.sum(0)).tolist(),
                         "labeled_kept_pixels": pseudo.sum(0).long().tolist(),
                         "accuracy_kept": (pseudo.diag() / pseudo.sum(0)).tolist()})
         overall.update({"labeled_pixels": int(raw.sum()), "accuracy_all": _number(raw.diag().sum() / raw.sum()),
@@ -639,7 +640,8 @@ def generate_pseudo_labels(model, dataset, output_dir, device="cpu", *, num_clas
     report = thresholds_report(histogram, settings, identity, metadata)
     if report["never_predicted"] and is_main_process():
         warnings.warn(f"pseudo labels: class(es) {', '.join(report['never_predicted'])} never predicted on the "
-                      f"{len(dataset)} images: threshold 0, no pixel of them to keep (see {output_dir / THRESHOLDS_FILE})",
+                      f"{len(dataset)} images: threshold 0, no pixel of them to keep "
+                      f"(see {output_dir / THRESHOLDS_FILE})",
                       stacklevel=2)
     if is_main_process():
         write_json(output_dir / THRESHOLDS_FILE, report)
@@ -684,6 +686,7 @@ def resolve_input_convention(args, model, tag="pseudo"):
     stored = model.checkpoint_info.get("input_convention") or "imagenet"
     if args.input_convention is None:
         args.input_convention = stored
-    note = "recorded in the checkpoint" if args.input_convention == stored else f"from the flag; the checkpoint records {stored}"
+    note = ("recorded in the checkpoint" if args.input_convention == stored
+            else f"from the flag; the checkpoint records {stored}")
     print(f"[{tag}] input convention: {args.input_convention} ({note})")
     return args.input_convention

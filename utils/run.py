@@ -3,6 +3,10 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import torch
+from PIL import Image
+
 from dataset.labels import colorize
 from utils.distributed import get_world_size, init_distributed, is_main_process
 from utils.evaluate import evaluate, eval_mode, predict_logits
@@ -66,8 +70,6 @@ def make_validator(networks, loader, context, progress=True):
 
 def make_image_logger(network, dataset, context, normalization, count=LOGGED_IMAGES):
     """iteration -> {tag: [image, ground truth, prediction] strips} for a few target-val images."""
-    import torch
-
     indices = list(range(min(count, len(dataset))))
 
     def images(iteration):
@@ -80,9 +82,8 @@ def make_image_logger(network, dataset, context, normalization, count=LOGGED_IMA
                 prediction = predict_logits(network, image, label.shape[-2:], context.precision).argmax(1)[0].cpu()
                 picture = normalization.denormalize(sample["image"])
                 if picture.shape[:2] != tuple(label.shape):
-                    from PIL import Image
-                    picture = __import__("numpy").asarray(Image.fromarray(picture).resize(label.shape[::-1]))
-                strips.append(__import__("numpy").concatenate([picture, colorize(label.numpy()), colorize(prediction.numpy())], axis=0))
+                    picture = np.asarray(Image.fromarray(picture).resize(label.shape[::-1]))
+                strips.append(np.concatenate([picture, colorize(label.numpy()), colorize(prediction.numpy())], axis=0))
         return {"val/predictions": strips}
     return images
 
