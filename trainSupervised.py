@@ -10,7 +10,7 @@ Examples:
   torchrun --standalone --nproc_per_node=4 trainSupervised.py --output-dir runs/supervised --batch-size 2 --sync-bn
 
 Under torchrun an iteration is a global step of --batch-size x processes samples per domain;
-see docs/DISTRIBUTED.md.
+see the README section "Multi-GPU and multi-node (torchrun)".
 """
 from dataset.normalization import get_normalization
 from model import build_bisenet

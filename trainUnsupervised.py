@@ -12,7 +12,7 @@ Examples:
   torchrun --standalone --nproc_per_node=4 trainUnsupervised.py --output-dir runs/dsc --batch-size 2 --sync-bn
 
 Under torchrun an iteration is a global step of --batch-size x processes samples per domain;
-see docs/DISTRIBUTED.md.
+see the README section "Multi-GPU and multi-node (torchrun)".
 """
 from functools import partial
 

@@ -29,7 +29,7 @@ class Settings:
     data_root: str = None
     source_size: str = "256x144"
     target_size: str = "256x128"
-    batch_size: int = 4
+    batch_size: int = 2
     iterations: int = 300
     pseudo_iterations: int = 300
     mpl_iterations: int = 150
