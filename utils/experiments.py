@@ -33,7 +33,7 @@ class Settings:
     iterations: int = 300
     pseudo_iterations: int = 300
     mpl_iterations: int = 150
-    val_every: int = 50
+    val_every: int = 100
     workers: int = 2
     device: str = "auto"
     learning_rate: float = 2.5e-2
