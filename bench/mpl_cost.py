@@ -11,7 +11,8 @@ this process's CPU time instead of the wall clock: with one thread (the CPU defa
 the compute time itself, which other processes on a shared machine cannot inflate; the wall-clock
 ratio is recorded next to it. The goal of the issue is a ratio of at most --goal (2.2) for the
 default (pham) feedback; ``mpl_pham_no_uda`` (--uda-weight 0: no augmented view) shows what the
-consistency term costs.
+consistency term costs, and ``adversarial_pl`` (the same step with target pseudo labels, i.e. a
+DSC + PL iteration, which is what MPL's student step is) what the student alone costs.
 
 Examples:
   python bench/mpl_cost.py                                   # CPU: bench/results/mpl_cost_cpu.{json,md}
@@ -86,11 +87,13 @@ def make_variants(args, device):
     if args.channels_last == "on":
         source, target = (x.contiguous(memory_format=torch.channels_last) for x in (source, target))
 
-    baseline = make_learner(args, device)
+    target_labels = torch.randint(0, NUM_CLASSES, (args.batch_size, height, width), generator=generator).to(device)
 
-    def adversarial():
-        adversarial_step(baseline.model, baseline.discriminator, baseline.optimizer, baseline.optimizer_d,
-                         baseline.scaler, baseline.scaler_d, args.precision, source, labels, target, lambda_adv=LAMBDA_ADV)
+    def adversarial_variant(with_labels):
+        baseline = make_learner(args, device)
+        return lambda: adversarial_step(baseline.model, baseline.discriminator, baseline.optimizer, baseline.optimizer_d,
+                                        baseline.scaler, baseline.scaler_d, args.precision, source, labels, target,
+                                        target_labels if with_labels else None, lambda_adv=LAMBDA_ADV)
 
     def mpl_variant(feedback, uda_weight=DEFAULT_UDA_WEIGHT):
         step = MPLStep(make_learner(args, device), make_learner(args, device), PseudoLabeler(NUM_CLASSES).to(device),
@@ -98,7 +101,8 @@ def make_variants(args, device):
         counter = iter(range(10 ** 9))
         return lambda: step(source, labels, target, next(counter))
 
-    return {"adversarial": adversarial, "mpl_pham": mpl_variant(PhamFeedback()),
+    return {"adversarial": adversarial_variant(False), "adversarial_pl": adversarial_variant(True),
+            "mpl_pham": mpl_variant(PhamFeedback()),
             "mpl_course": mpl_variant(CourseFeedback(ramp_iters=10)),
             "mpl_pham_no_uda": mpl_variant(PhamFeedback(), uda_weight=0.0)}
 

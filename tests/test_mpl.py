@@ -11,8 +11,8 @@ from dataset.labels import IGNORE_INDEX, NUM_CLASSES
 from model import build_bisenet, build_discriminator, load_bisenet, model_config
 from utils.checkpoint import CHECKPOINT_FORMAT, load_checkpoint_file
 from utils.engine import SOURCE_DOMAIN, domain_loss, main_output, segmentation_loss, set_requires_grad
-from utils.mpl import (CourseFeedback, Learner, MPLStep, PhamFeedback, PseudoLabeler, augment_view, flip_where,
-                       pseudo_label_loss, read_thresholds, running_stats_frozen)
+from utils.mpl import (DEFAULT_REFRESH, CourseFeedback, Learner, MPLStep, PhamFeedback, PseudoLabeler, augment_view,
+                       flip_where, pseudo_label_loss, read_thresholds, resolve_mpl_args, running_stats_frozen)
 from utils.optim import build_optimizer
 from utils.precision import Precision
 from utils.pseudolabel_stats import ConfidenceHistogram, apply_thresholds, softmax_confidence
@@ -342,3 +342,13 @@ def test_inconsistent_threshold_flags_are_refused(tmp_path, teacher_checkpoint):
     for flags in (["--refresh", "0"], ["--refresh", "5", "--thresholds", str(tmp_path / "t.json")]):
         with pytest.raises(SystemExit, match="thresholds"):
             MPL.main(MPL.get_args(["--output-dir", str(tmp_path), "--teacher-checkpoint", str(teacher_checkpoint), *flags]))
+
+
+def test_flag_defaults_resolve_teacher_optimizer_learning_rate_and_threshold_mode(tmp_path):
+    args = resolve_mpl_args(MPL.get_args(["--output-dir", str(tmp_path), "--teacher-checkpoint", "t.pth",
+                                          "--optimizer", "adam", "--learning-rate", "1e-3"]))
+    assert args.teacher_optimizer == "adam" and args.teacher_learning_rate == pytest.approx(1e-4)
+    assert args.refresh == DEFAULT_REFRESH and args.feedback == "pham" and args.discriminator == "dsc"
+    args = resolve_mpl_args(MPL.get_args(["--output-dir", str(tmp_path), "--teacher-checkpoint", "t.pth",
+                                          "--thresholds", "t.json", "--discriminator", "1"]))
+    assert args.refresh == 0 and args.discriminator == "dsc"
