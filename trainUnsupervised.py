@@ -14,8 +14,6 @@ Examples:
 Under torchrun an iteration is a global step of --batch-size x processes samples per domain;
 see the README section "Multi-GPU and multi-node (torchrun)".
 """
-from functools import partial
-
 from model import build_bisenet
 from utils.adaptation import add_adversarial_args, add_pseudo_label_args, build_discriminator_parts, resolve_pseudo_label_dir
 from utils.builders import (make_eval_loader, maybe_compile, prepare_network, resolve_data, source_train_dataset,

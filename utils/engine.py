@@ -35,7 +35,11 @@ def segmentation_loss(outputs, labels):
     """Cross-entropy (ignore 255) on the main output plus the two auxiliary outputs."""
     if not isinstance(outputs, (tuple, list)):
         outputs = (outputs,)
-    return sum(F.cross_entropy(output.float(), labels, ignore_index=IGNORE_INDEX) for output in outputs)
+    # Mean over the labeled pixels, and 0 (not NaN) for a batch whose pixels are all ignored (a
+    # pseudo-label batch where nothing passed the thresholds).
+    labeled = (labels != IGNORE_INDEX).sum().clamp(min=1)
+    return sum(F.cross_entropy(output.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum") / labeled
+               for output in outputs)
 
 
 def domain_loss(discriminator, probabilities, domain):
@@ -122,15 +126,23 @@ def adversarial_step(model, discriminator, optimizer, optimizer_d, scaler, scale
     scaler.update()
 
     if discriminator is not None:
-        set_requires_grad(frozen_discriminator, True)
-        optimizer_d.zero_grad(set_to_none=True)
-        with precision.autocast():
-            source_probabilities = F.softmax(source_main.float(), dim=1)
-            loss_d = 0.5 * (domain_loss(discriminator, source_probabilities, SOURCE_DOMAIN)
-                            + domain_loss(discriminator, target_probabilities.detach(), TARGET_DOMAIN))
-        check_finite({"loss_d": loss_d})
-        scaler_d.scale(loss_d).backward()
-        scaler_d.step(optimizer_d)
-        scaler_d.update()
-        losses["loss_d"] = loss_d
+        losses["loss_d"] = discriminator_step(discriminator, optimizer_d, scaler_d, precision, source_main,
+                                              target_probabilities)
     return {name: value.detach() for name, value in losses.items()}
+
+
+def discriminator_step(discriminator, optimizer, scaler, precision, source_logits, target_probabilities,
+                       loss_name="loss_d"):
+    """AdaptSegNet's discriminator step on detached maps: source -> source label, target -> target
+    label, mean of the two BCE terms. Returns the detached loss."""
+    set_requires_grad(unwrap(discriminator), True)
+    optimizer.zero_grad(set_to_none=True)
+    with precision.autocast():
+        source_probabilities = F.softmax(source_logits.detach().float(), dim=1)
+        loss_d = 0.5 * (domain_loss(discriminator, source_probabilities, SOURCE_DOMAIN)
+                        + domain_loss(discriminator, target_probabilities.detach(), TARGET_DOMAIN))
+    check_finite({loss_name: loss_d})
+    scaler.scale(loss_d).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss_d.detach()

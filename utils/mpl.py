@@ -83,8 +83,8 @@ from torch import nn
 from dataset.labels import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES, SHORT_NAMES
 from model import load_bisenet
 from utils.distributed import get_rank, get_world_size, is_distributed
-from utils.engine import (SOURCE_DOMAIN, TARGET_DOMAIN, adversarial_step, check_finite, domain_loss, main_output,
-                          segmentation_loss, set_requires_grad, unwrap)
+from utils.engine import (SOURCE_DOMAIN, adversarial_step, check_finite, discriminator_step, domain_loss,
+                          main_output, segmentation_loss, set_requires_grad, unwrap)
 from utils.optim import OPTIMIZERS
 from utils.options import non_negative_int, positive_float
 from utils.pseudolabel_stats import MAX_THRESHOLD, ConfidenceHistogram, apply_thresholds, softmax_confidence
@@ -413,21 +413,6 @@ class Learner:
     scaler_d: object = None
 
 
-def discriminator_update(discriminator, optimizer, scaler, precision, source_logits, target_probabilities):
-    """AdaptSegNet's discriminator step on detached maps (source -> source label, target -> target)."""
-    set_requires_grad(unwrap(discriminator), True)
-    optimizer.zero_grad(set_to_none=True)
-    with precision.autocast():
-        source_probabilities = F.softmax(source_logits.detach().float(), dim=1)
-        loss_d = 0.5 * (domain_loss(discriminator, source_probabilities, SOURCE_DOMAIN)
-                        + domain_loss(discriminator, target_probabilities.detach(), TARGET_DOMAIN))
-    check_finite({"t_loss_d": loss_d})
-    scaler.scale(loss_d).backward()
-    scaler.step(optimizer)
-    scaler.update()
-    return loss_d.detach()
-
-
 class MPLStep:
     """One MPL iteration (see the module docstring); call it with a batch of each domain.
 
@@ -528,8 +513,9 @@ class MPLStep:
 
         # 5. Teacher's discriminator.
         if frozen_discriminator is not None:
-            terms["t_loss_d"] = discriminator_update(teacher.discriminator, teacher.optimizer_d, teacher.scaler_d,
-                                                     precision, source_logits, target_probabilities)
+            terms["t_loss_d"] = discriminator_step(teacher.discriminator, teacher.optimizer_d, teacher.scaler_d,
+                                                     precision, source_logits, target_probabilities,
+                                                     loss_name="t_loss_d")
 
         losses = {**student_losses, **{name: value.detach() for name, value in terms.items()},
                   "mpl_coefficient": coefficient, "pl_kept": kept, **feedback_logs}

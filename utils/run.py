@@ -11,7 +11,7 @@ from dataset.labels import colorize
 from utils.distributed import get_world_size, init_distributed, is_main_process
 from utils.evaluate import evaluate, eval_mode, predict_logits
 from utils.logger import RunLogger, setup_console_logging, write_json, write_run_info, write_text
-from utils.metrics import markdown_table, scores_to_json, text_report
+from utils.metrics import markdown_table, text_report
 from utils.precision import Precision
 from utils.builders import resolve_fast_paths
 from utils.seed import seed_everything

@@ -26,7 +26,6 @@ import time
 import warnings
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
 from dataset.common import data_report
