@@ -13,13 +13,11 @@ Under torchrun an iteration is a global step of --batch-size x processes samples
 see the README section "Multi-GPU and multi-node (torchrun)".
 """
 from dataset.normalization import get_normalization
-from model import build_bisenet
-from utils.builders import (make_eval_loader, maybe_compile, prepare_network, resolve_data, source_train_dataset,
+from utils.builders import (make_eval_loader, maybe_compile, resolve_data, segmentation_parts, source_train_dataset,
                             target_eval_dataset, target_train_dataset, train_stream)
 from utils.distributed import cleanup_distributed, wrap_ddp
 from utils.engine import supervised_step
 from model import model_config as bisenet_config
-from utils.optim import build_optimizer
 from utils.options import add_data_args, add_model_args, add_runtime_args, add_training_args, make_parser
 from utils.run import finish_run, make_image_logger, make_validator, resolve_schedule, start_run
 from utils.trainer import Trainer
@@ -49,8 +47,7 @@ def main(args):
     context = start_run(args)
     device = context.device
 
-    model = prepare_network(build_bisenet(args.context_path, args.num_classes, args.pretrained), args, device)
-    optimizer = build_optimizer(args.optimizer, model.parameters(), args.learning_rate, args.weight_decay, args.momentum)
+    model, optimizer = segmentation_parts(args, device)
     scaler = context.precision.grad_scaler()
     train_model = wrap_ddp(maybe_compile(model, args), device)
     streams = {"train": train_stream(args, train, device)}

@@ -14,14 +14,12 @@ Examples:
 Under torchrun an iteration is a global step of --batch-size x processes samples per domain;
 see the README section "Multi-GPU and multi-node (torchrun)".
 """
-from model import build_bisenet
 from utils.adaptation import add_adversarial_args, add_pseudo_label_args, build_discriminator_parts, resolve_pseudo_label_dir
-from utils.builders import (make_eval_loader, maybe_compile, prepare_network, resolve_data, source_train_dataset,
+from utils.builders import (make_eval_loader, maybe_compile, resolve_data, segmentation_parts, source_train_dataset,
                             target_eval_dataset, target_train_dataset, train_stream)
 from utils.distributed import cleanup_distributed, wrap_ddp
 from utils.engine import adversarial_step
 from model import model_config as bisenet_config
-from utils.optim import build_optimizer
 from utils.options import add_data_args, add_model_args, add_runtime_args, add_training_args, make_parser
 from utils.run import finish_run, make_image_logger, make_validator, resolve_schedule, start_run
 from utils.trainer import Trainer
@@ -50,8 +48,7 @@ def main(args):
     context = start_run(args)
     device = context.device
 
-    model = prepare_network(build_bisenet(args.context_path, args.num_classes, args.pretrained), args, device)
-    optimizer = build_optimizer(args.optimizer, model.parameters(), args.learning_rate, args.weight_decay, args.momentum)
+    model, optimizer = segmentation_parts(args, device)
     discriminator, optimizer_d, discriminator_config = build_discriminator_parts(args, device, args.num_classes)
     scaler, scaler_d = context.precision.grad_scaler(), context.precision.grad_scaler()
 

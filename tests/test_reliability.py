@@ -26,6 +26,7 @@ from dataset.cityscapes import CityscapesDataset
 from dataset.labels import ID_TO_TRAINID, colorize
 from dataset.paths import pseudo_label_path
 from model import load_bisenet
+from utils import builders
 from utils.checkpoint import CheckpointError, load_checkpoint_file
 from utils.cli import EXIT_USER_ERROR, run_main
 
@@ -182,7 +183,7 @@ def test_faulty_first_files_stop_the_run_before_any_network_is_built(damage, dat
     def no_network(*args, **kwargs):
         raise AssertionError("a network was built before the data were checked")
 
-    monkeypatch.setattr(trainUnsupervised, "build_bisenet", no_network)
+    monkeypatch.setattr(builders, "build_bisenet", no_network)
     expected = damage(data)
     run = tmp_path / "run"
     code, err, _ = run_script(trainUnsupervised, ["--data-root", data, "--output-dir", run, *TINY], capsys)

@@ -6,6 +6,7 @@ import torch
 
 import trainSupervised
 import trainUnsupervised
+from utils import builders
 from dataset.common import DatasetError
 from utils.checkpoint import load_checkpoint_file
 
@@ -80,7 +81,7 @@ def test_missing_dataset_fails_before_any_model_is_built(tmp_path, monkeypatch):
     def no_model(*args, **kwargs):
         raise AssertionError("a model was built before the data were checked")
 
-    monkeypatch.setattr(trainUnsupervised, "build_bisenet", no_model)
+    monkeypatch.setattr(builders, "build_bisenet", no_model)
     args = trainUnsupervised.get_args(["--data-root", str(tmp_path / "nowhere"), "--output-dir", str(tmp_path / "run")])
     with pytest.raises(DatasetError, match="nowhere"):
         trainUnsupervised.main(args)

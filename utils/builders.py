@@ -15,6 +15,8 @@ from dataset.common import DatasetError
 from dataset.gta5 import GTA5Dataset
 from dataset.normalization import get_normalization
 from dataset.transforms import eval_transform, train_transform
+from model import build_bisenet
+from utils.optim import build_optimizer
 from utils.data import BatchStream, eval_loader
 from utils.distributed import configure_batchnorm
 
@@ -125,3 +127,10 @@ def maybe_compile(network, args):
         # Static shapes: source and target sizes differ, and dynamic graphs are slower.
         return torch.compile(network, dynamic=False)
     return network
+
+
+def segmentation_parts(args, device):
+    """The BiSeNet the flags ask for, on the device, and its optimizer (shared by the train scripts)."""
+    model = prepare_network(build_bisenet(args.context_path, args.num_classes, args.pretrained), args, device)
+    optimizer = build_optimizer(args.optimizer, model.parameters(), args.learning_rate, args.weight_decay, args.momentum)
+    return model, optimizer
