@@ -2,7 +2,7 @@
 
 A teacher (initialised from --teacher-checkpoint, e.g. the DSC run) labels each target batch;
 its hard predictions, thresholded per class (refreshed every --refresh iterations from a running
-histogram, or fixed from a thresholds.json), train a student (fresh or --student-checkpoint)
+histogram, or fixed from a thresholds.json), train a student (fresh or --init-from/--student-checkpoint)
 with the adversarial step of trainUnsupervised.py. The teacher learns from its source labels,
 its own discriminator, a consistency term on an augmented target view and the student's
 feedback (--feedback pham: the change of the student's labeled loss; course: the report's
@@ -18,13 +18,12 @@ Examples:
   python MPL.py --teacher-checkpoint runs/dsc/best.pth --output-dir runs/mpl_course --feedback course
   python MPL.py --teacher-checkpoint runs/dsc/best.pth --thresholds runs/pseudo/thresholds.json --output-dir runs/mpl_fixed
 """
-from model import build_bisenet
 from model import model_config as bisenet_config
 from utils.adaptation import add_adversarial_args, build_discriminator_parts
-from utils.builders import (make_eval_loader, maybe_compile, prepare_network, resolve_data, source_train_dataset,
+from utils.builders import (initial_bisenet, load_initial_bisenet, make_eval_loader, maybe_compile, prepare_network, resolve_data, source_train_dataset,
                             target_eval_dataset, target_train_dataset, train_stream)
 from utils.distributed import cleanup_distributed, wrap_ddp
-from utils.mpl import (Learner, MPLStep, PseudoLabeler, add_mpl_args, build_feedback, load_initial_network,
+from utils.mpl import (Learner, MPLStep, PseudoLabeler, add_mpl_args, build_feedback,
                        read_thresholds, resolve_mpl_args, resolve_mpl_schedule)
 from utils.optim import build_optimizer
 from utils.options import add_data_args, add_model_args, add_runtime_args, add_training_args, make_parser
@@ -52,15 +51,12 @@ def main(args):
     source = source_train_dataset(args)
     target = target_train_dataset(args)
     val = target_eval_dataset(args)
-    teacher = load_initial_network(args.teacher_checkpoint, args, key=args.teacher_network)  # any architecture
+    teacher = load_initial_bisenet(args.teacher_checkpoint, args, key=args.teacher_network)  # any architecture
     thresholds = read_thresholds(args.thresholds, args.num_classes) if args.thresholds else None
     context = start_run(args)
     device = context.device
 
-    if args.student_checkpoint:
-        student = load_initial_network(args.student_checkpoint, args, context_path=args.context_path)
-    else:
-        student = build_bisenet(args.context_path, args.num_classes, args.pretrained)
+    student = initial_bisenet(args)  # after start_run: a fresh student's weights follow --seed
     student, teacher = prepare_network(student, args, device), prepare_network(teacher, args, device)
     optimizer = build_optimizer(args.optimizer, student.parameters(), args.learning_rate, args.weight_decay, args.momentum)
     optimizer_t = build_optimizer(args.teacher_optimizer, teacher.parameters(), args.teacher_learning_rate,

@@ -1,10 +1,12 @@
 """The main job: the report's whole pipeline on the built-in synthetic benchmark, then its tables.
 
 Runs, for each seed, at a small size that fits a laptop CPU:
-  1. supervised upper bound (target labels)   2. source-only baseline
-  3. adversarial with FCD                     4. adversarial with DSC
-  5. pseudo labels from the DSC model         6. DSC + pseudo labels
-  7. DSC + MPL (student and teacher)
+  1. supervised upper bound (target labels, from scratch)   2. source-only baseline (from scratch)
+  then, each fine-tuning the source-only model for the same number of iterations:
+  3. source only, continued (the control: as much training, no adaptation)
+  4. adversarial with FCD                                   5. adversarial with DSC
+  6. pseudo labels from the DSC model    7. DSC + pseudo labels, from the DSC model
+  8. DSC + MPL (student and teacher), both starting from the DSC model
 then scores every method on target val and writes into --output-dir:
   table1.md (per-class IoU, mIoU, pixel accuracy; mean ± std over seeds, Δ vs source only),
   table2.md (parameters and GFLOPs at 1024x512), miou_curves.png, qualitative.png, results.json.
@@ -28,10 +30,12 @@ from model import load_bisenet
 from utils.builders import gta5_split, make_eval_loader, resolve_data, target_eval_dataset
 from utils.distributed import resolve_device
 from utils.evaluate import eval_mode, evaluate, predict_logits
-from utils.experiments import BASELINE, METHODS, STAGE_KEYS, STAGES, Settings, run_stage
+from utils.experiments import (BASELINE, METHODS, STAGE_BY_KEY, STAGE_KEYS, STAGES, Settings, run_stage, start_iteration,
+                               total_iterations)
 from utils.logger import git_commit, write_json, write_text
-from utils.metrics import scores_to_json
-from utils.options import make_parser, non_negative_int, positive_int, size_type
+from utils.metrics import scores_from_json, scores_to_json
+from utils.optim import OPTIMIZERS
+from utils.options import make_parser, non_negative_int, positive_float, positive_int, size_type
 from utils.precision import Precision
 from utils.report import mean_std, plot_miou_curves, plot_qualitative, table1_markdown, table2_markdown
 from utils.cli import run_main
@@ -52,11 +56,18 @@ def get_args(argv=None):
     parser.add_argument("--target-size", type=size_type, default=size_type(defaults.target_size),
                         help="Cityscapes training and inference size WIDTHxHEIGHT (scored at full label resolution)")
     parser.add_argument("--batch-size", type=positive_int, default=defaults.batch_size, help="batch size per domain")
-    parser.add_argument("--iterations", type=positive_int, default=defaults.iterations, help="iterations of stages 1-4")
-    parser.add_argument("--pseudo-iterations", type=positive_int, default=defaults.pseudo_iterations, help="iterations of DSC + PL")
+    parser.add_argument("--iterations", type=positive_int, default=defaults.iterations,
+                        help="iterations of the stages trained from scratch (supervised, source only)")
+    parser.add_argument("--adapt-iterations", type=positive_int, default=defaults.adapt_iterations,
+                        help="iterations of the fine-tuning stages from the source-only model (control, FCD, DSC)")
+    parser.add_argument("--pseudo-iterations", type=positive_int, default=defaults.pseudo_iterations,
+                        help="iterations of DSC + PL (from the DSC model)")
     parser.add_argument("--mpl-iterations", type=positive_int, default=defaults.mpl_iterations, help="iterations of DSC + MPL")
     parser.add_argument("--val-every", type=positive_int, default=defaults.val_every, help="validation cadence (mIoU curves)")
-    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate, help="segmentation learning rate")
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, default=defaults.optimizer,
+                        help="segmentation optimizer of every stage (Adam: see utils/experiments.Settings)")
+    parser.add_argument("--learning-rate", type=positive_float, default=defaults.learning_rate,
+                        help="segmentation learning rate of every stage (poly decay within each stage)")
     parser.add_argument("--lambda-adv", type=float, default=defaults.lambda_adv, help="adversarial loss weight")
     parser.add_argument("--workers", type=non_negative_int, default=defaults.workers, help="DataLoader workers")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -68,9 +79,10 @@ def _settings(args):
     def fmt(size):
         return f"{size[1]}x{size[0]}"
     return Settings(data_root=args.data_root, source_size=fmt(args.source_size), target_size=fmt(args.target_size),
-                    batch_size=args.batch_size, iterations=args.iterations, pseudo_iterations=args.pseudo_iterations,
-                    mpl_iterations=args.mpl_iterations, val_every=args.val_every, workers=args.workers,
-                    device=args.device, learning_rate=args.learning_rate, lambda_adv=args.lambda_adv,
+                    batch_size=args.batch_size, iterations=args.iterations, adapt_iterations=args.adapt_iterations,
+                    pseudo_iterations=args.pseudo_iterations, mpl_iterations=args.mpl_iterations,
+                    val_every=args.val_every, workers=args.workers, device=args.device, optimizer=args.optimizer,
+                    learning_rate=args.learning_rate, lambda_adv=args.lambda_adv,
                     progress=args.progress)
 
 
@@ -93,13 +105,19 @@ def score_methods(args, seed_dirs, device):
     precision = Precision(device, "auto")
     picked = list(range(min(QUALITATIVE_IMAGES, len(val))))
     scores, predictions, gap = {}, {}, {}
+    settings = _settings(args)
     for label, stage, network in METHODS:
         for seed_dir in seed_dirs:
             checkpoint = Path(seed_dir) / stage / "last.pth"
             if not checkpoint.is_file():
                 continue
             model = load_bisenet(checkpoint, key=network).to(device)
-            scores.setdefault(label, []).append(evaluate(model, loader, device, precision=precision, progress=False))
+            # The run validated its last.pth at its final iteration with the same evaluate() on the
+            # same data; scoring it again would only cost time (about 5 s a model on 2 CPU cores).
+            final = _final_scores(Path(seed_dir) / stage, network, settings.stage_iterations(stage))
+            if final is None:
+                final = evaluate(model, loader, device, precision=precision, progress=False)
+            scores.setdefault(label, []).append(final)
             if seed_dir == seed_dirs[0]:
                 with eval_mode(model):
                     predictions[label] = [
@@ -132,19 +150,38 @@ def _source_val(data, model, device, precision):
     return evaluate(model, make_eval_loader(data, dataset, device), device, precision=precision, progress=False)
 
 
-def _curves(seed_dir):
+def _history(run_dir):
+    metrics = Path(run_dir) / "metrics.json"
+    return json.loads(metrics.read_text())["history"] if metrics.is_file() else []
+
+
+def _record_scores(record, network):
+    """A validation record's scores of ``network`` ("model": the run's first, e.g. MPL's student)."""
+    names = list(record["scores"])
+    return record["scores"][network if network in names else names[0]]
+
+
+def _final_scores(run_dir, network, iterations):
+    """The run's own validation of its final weights, or None when it has none at ``iterations``."""
+    history = _history(run_dir)
+    if not history or history[-1]["iteration"] != iterations:
+        return None
+    return scores_from_json(_record_scores(history[-1], network))
+
+
+def _curves(seed_dir, settings):
+    """{method: [(iteration, mIoU), ...]}; a fine-tuned stage's curve starts where its parent's ends."""
     curves = {}
     for label, stage, network in METHODS:
-        metrics = Path(seed_dir) / stage / "metrics.json"
-        if not metrics.is_file():
+        history = _history(Path(seed_dir) / stage)
+        if not history:
             continue
-        history = json.loads(metrics.read_text())["history"]
-        key = {"model": None, "teacher": "teacher"}[network]
-        points = []
-        for record in history:
-            names = list(record["scores"])
-            name = key if key in names else names[0]
-            points.append((record["iteration"], record["scores"][name]["miou"]))
+        offset = start_iteration(settings, stage)
+        points = [(offset + record["iteration"], _record_scores(record, network)["miou"]) for record in history]
+        parent = STAGE_BY_KEY[stage].parent
+        parent_label = next((label for label, key, net in METHODS if key == parent and net == "model"), None)
+        if curves.get(parent_label):  # a branch starts at the model it fine-tunes
+            points.insert(0, curves[parent_label][-1])
         curves[label] = points
     return curves
 
@@ -168,11 +205,12 @@ def main(args):
     print("\n===== scoring every method on target val =====", flush=True)
     scores, (images, labels, predictions), gap = score_methods(args, [str(d) for d in seed_dirs], device)
     rows = [(label, scores[label]) for label, _, _ in METHODS if label in scores]
-    table1 = table1_markdown(rows, baseline=BASELINE if BASELINE in scores else None)
+    iterations = {label: total_iterations(settings, stage) for label, stage, _ in METHODS}
+    table1 = table1_markdown(rows, baseline=BASELINE if BASELINE in scores else None, iterations=iterations)
     write_text(output_dir / "table1.md", table1 + "\n")
     table2 = _table2()
     write_text(output_dir / "table2.md", table2 + "\n")
-    plot_miou_curves(_curves(seed_dirs[0]), output_dir / "miou_curves.png")
+    plot_miou_curves(_curves(seed_dirs[0], settings), output_dir / "miou_curves.png")
     if predictions:
         plot_qualitative(images, labels, predictions, output_dir / "qualitative.png")
     summary = {

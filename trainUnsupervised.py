@@ -54,13 +54,16 @@ def main(args):
 
     train_model = wrap_ddp(maybe_compile(model, args), device, find_unused_parameters=True)
     train_discriminator = wrap_ddp(discriminator, device) if discriminator is not None else None
-    streams = {"source": train_stream(args, source, device), "target": train_stream(args, target, device, seed_offset=1)}
+    streams = {"source": train_stream(args, source, device)}
+    uses_target = discriminator is not None or pseudo_dir is not None
+    if uses_target:  # source only reads no target batch: loading one would only take CPU from training
+        streams["target"] = train_stream(args, target, device, seed_offset=1)
     max_iters = resolve_schedule(args, streams["source"].batches_per_epoch)
 
     def step(batches, iteration):
         return adversarial_step(
             train_model, train_discriminator, optimizer, optimizer_d, scaler, scaler_d, context.precision,
-            batches["source"]["image"], batches["source"]["label"], batches["target"]["image"],
+            batches["source"]["image"], batches["source"]["label"], batches["target"]["image"] if uses_target else None,
             batches["target"].get("label") if pseudo_dir else None, lambda_adv=args.lambda_adv)
 
     networks = {"model": model}

@@ -2,7 +2,9 @@
 import json
 
 import experiments
-from utils.experiments import METHODS
+from dataset.labels import SHORT_NAMES
+from utils.experiments import METHODS, STAGE_BY_KEY, Settings, start_iteration, total_iterations
+from utils.report import table1_markdown
 
 
 def test_pipeline_produces_every_table_row_and_file(tiny_data_root, tmp_path):
@@ -22,3 +24,41 @@ def test_pipeline_produces_every_table_row_and_file(tiny_data_root, tmp_path):
     assert results["seeds"] == [0] and "git_commit" in results
     assert summary["domain_gap"]["source_only_source_val_miou"]
     assert (out / "runs" / "seed0" / "pseudo" / "thresholds.json").is_file()
+
+
+def test_adaptation_stages_fine_tune_their_parent_and_count_its_iterations(tmp_path):
+    settings = Settings(iterations=10, adapt_iterations=3, pseudo_iterations=4, mpl_iterations=2)
+    seed_dir = tmp_path / "seed1"
+
+    def argv(key):
+        return STAGE_BY_KEY[key].argv(settings, seed_dir / key, seed_dir)
+
+    def init_from(key):
+        words = argv(key)
+        return words[words.index("--init-from") + 1] if "--init-from" in words else None
+
+    assert init_from("supervised") is None and init_from("source_only") is None
+    for key in ("source_only_ft", "fcd", "dsc"):
+        assert init_from(key) == str(seed_dir / "source_only" / "last.pth"), key
+    assert init_from("dsc_pl") == init_from("mpl") == str(seed_dir / "dsc" / "last.pth")
+    assert argv("dsc_pl")[argv("dsc_pl").index("--use-pseudolabels") + 1] == f"{seed_dir}/pseudo"
+    assert "--lambda-adv" in argv("fcd") and "--lambda-adv" not in argv("source_only_ft")
+    assert argv("fcd")[argv("fcd").index("--seed") + 1] == "1"
+    assert {key: total_iterations(settings, key) for key in ("supervised", "source_only_ft", "fcd", "dsc_pl", "mpl")} == {
+        "supervised": 10, "source_only_ft": 13, "fcd": 13, "dsc_pl": 17, "mpl": 15}
+    assert start_iteration(settings, "dsc_pl") == 13 and start_iteration(settings, "source_only") == 0
+
+
+def _scores(miou):
+    return {"miou": miou, "pixel_accuracy": 0.5, "iou": [miou] * len(SHORT_NAMES)}
+
+
+def test_table1_deltas_are_paired_by_seed():
+    rows = [("Source only", [_scores(0.10), _scores(0.20)]), ("DSC", [_scores(0.13), _scores(0.21)])]
+    lines = table1_markdown(rows, baseline="Source only", iterations={"Source only": 600, "DSC": 750}).splitlines()
+    assert lines[0].endswith("| ΔmIoU vs Source only | iterations |")
+    source, dsc = (line.split(" | ") for line in lines[2:])
+    assert source[-2:] == ["—", "600 |"]
+    # per seed +3.0 and +1.0 points: mean 2.0, standard deviation sqrt(2) = 1.41
+    assert dsc[-2:] == ["+2.0 ± 1.4", "750 |"]
+    assert dsc[-4] == "17.0 ± 5.7"  # the row's own mIoU: mean of 13 and 21, unpaired std 5.66

@@ -1,10 +1,12 @@
+import json
 import math
 
 import pytest
 import torch
 
-from dataset.labels import IGNORE_INDEX
-from utils.metrics import ConfusionMatrix, markdown_table, scores_from_confusion
+from dataset.labels import IGNORE_INDEX, NUM_CLASSES
+from utils.metrics import (ConfusionMatrix, markdown_table, scores_from_confusion, scores_from_json,
+                           scores_to_json)
 
 
 def test_confusion_matrix_and_miou_hand_computed():
@@ -73,3 +75,12 @@ def test_markdown_table_has_report_columns_and_row():
     header, _, row = table.splitlines()
     assert header.split("|")[2].strip() == "road" and header.split("|")[-4].strip() == "bicycle"
     assert "| demo | 100.0 | 100.0 | n/a |" in row
+
+
+def test_scores_survive_the_json_round_trip_with_absent_classes_as_nan():
+    confusion = torch.zeros(NUM_CLASSES, NUM_CLASSES, dtype=torch.long)
+    confusion[0, 0], confusion[0, 1], confusion[1, 1] = 6, 2, 4  # classes 2.. never occur: IoU NaN
+    scores = scores_from_confusion(confusion)
+    back = scores_from_json(json.loads(json.dumps(scores_to_json(scores))))
+    assert back["iou"][:2] == pytest.approx([6 / 8, 4 / 6]) and all(math.isnan(v) for v in back["iou"][2:])
+    assert back["miou"] == pytest.approx(scores["miou"]) and back["pixel_accuracy"] == pytest.approx(10 / 12)

@@ -215,9 +215,10 @@ def test_skip_bad_skips_counts_in_workers_and_reports_at_the_end(data, tmp_path,
     small = data / "GTA5" / "labels" / "00005.png"
     Image.open(small).resize((32, 18), Image.Resampling.NEAREST).save(small)
     run = tmp_path / "run"
-    # Loaded in a DataLoader worker: the counts must reach the main process to be reported.
+    # Loaded in a DataLoader worker: the counts must reach the main process to be reported. The
+    # adversarial run reads target batches (source only reads none).
     code, err, out = run_script(trainUnsupervised, ["--data-root", data, "--output-dir", run, *TINY, "--skip-bad",
-                                                    "--workers", "1", "--discriminator", "none", "--max-iters", "4",
+                                                    "--workers", "1", "--discriminator", "dsc", "--max-iters", "4",
                                                     "--val-every", "4"], capsys)
     assert code == 0, err
     gta5 = next(line for line in out.splitlines() if line.startswith("[data] gta5"))

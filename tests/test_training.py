@@ -113,3 +113,33 @@ def test_supervised_training_lowers_the_loss(tiny_data_root, tmp_path):
         "--learning-rate", "0.01"]))
     losses = [entry["loss_seg"] for entry in _losses(run)]
     assert losses[-1] < losses[0]
+
+
+def _conv_weights(path):
+    state = load_checkpoint_file(path)["model"]
+    return {key: value for key, value in state.items() if value.dtype.is_floating_point and value.dim() == 4}
+
+
+def test_init_from_fine_tunes_from_the_checkpoint_weights(tiny_data_root, tmp_path):
+    flags = ["--discriminator", "none", "--no-tensorboard"]
+    trainUnsupervised.main(_unsupervised(tiny_data_root, tmp_path / "first", *flags, "--max-iters", "2"))
+    # A step too small to move anything: what the second run ends with is what it started from.
+    still = ["--max-iters", "1", "--optimizer", "sgd", "--learning-rate", "1e-12", "--momentum", "0", "--weight-decay", "0"]
+    trainUnsupervised.main(_unsupervised(tiny_data_root, tmp_path / "tuned", *flags, *still,
+                                         "--init-from", str(tmp_path / "first" / "last.pth")))
+    trainUnsupervised.main(_unsupervised(tiny_data_root, tmp_path / "fresh", *flags, *still))
+    first, tuned, fresh = (_conv_weights(tmp_path / name / "last.pth") for name in ("first", "tuned", "fresh"))
+    assert all(torch.allclose(tuned[key], first[key], atol=1e-7) for key in first)
+    assert not all(torch.allclose(fresh[key], first[key], atol=1e-4) for key in first)
+    # A fine-tuning run starts its own schedule: iteration 1 of 1, not where the first run stopped.
+    assert load_checkpoint_file(tmp_path / "tuned" / "last.pth")["iteration"] == 1
+
+
+def test_init_from_refuses_a_checkpoint_of_another_input_convention(tiny_data_root, tmp_path):
+    flags = ["--discriminator", "none", "--no-tensorboard", "--max-iters", "1"]
+    trainUnsupervised.main(_unsupervised(tiny_data_root, tmp_path / "first", *flags))
+    checkpoint = tmp_path / "first" / "last.pth"
+    with pytest.raises(SystemExit, match="input-convention"):
+        trainUnsupervised.main(_unsupervised(tiny_data_root, tmp_path / "tuned", *flags, "--init-from", str(checkpoint),
+                                             "--input-convention", "course"))
+    assert not (tmp_path / "tuned" / "last.pth").exists()

@@ -15,7 +15,7 @@ from dataset.common import DatasetError
 from dataset.gta5 import GTA5Dataset
 from dataset.normalization import get_normalization
 from dataset.transforms import eval_transform, train_transform
-from model import build_bisenet
+from model import build_bisenet, load_bisenet
 from utils.optim import build_optimizer
 from utils.data import BatchStream, eval_loader
 from utils.distributed import configure_batchnorm
@@ -129,8 +129,30 @@ def maybe_compile(network, args):
     return network
 
 
+def load_initial_bisenet(path, args, key="model", context_path=None):
+    """A BiSeNet in training mode from any checkpoint ``load_bisenet`` reads: the starting point
+    of a fine-tuning run (``--init-from``) or of an MPL teacher.
+
+    Its number of classes must be ``args.num_classes``, its context path ``context_path`` when
+    given (an MPL teacher may be any architecture), and its input convention the data's.
+    """
+    network = load_bisenet(path, key=key, expect_num_classes=args.num_classes, expect_context_path=context_path)
+    if network.checkpoint_info["input_convention"] != args.input_convention:
+        raise SystemExit(f"{path} was trained with --input-convention {network.checkpoint_info['input_convention']}; "
+                         f"pass it here too (got {args.input_convention})")
+    return network.train()
+
+
+def initial_bisenet(args):
+    """The network a training run starts from: --init-from's weights (fine-tuning: fresh optimizer
+    and schedule) or a new BiSeNet per --context-path/--pretrained."""
+    if getattr(args, "init_from", None):
+        return load_initial_bisenet(args.init_from, args, context_path=args.context_path)
+    return build_bisenet(args.context_path, args.num_classes, args.pretrained)
+
+
 def segmentation_parts(args, device):
     """The BiSeNet the flags ask for, on the device, and its optimizer (shared by the train scripts)."""
-    model = prepare_network(build_bisenet(args.context_path, args.num_classes, args.pretrained), args, device)
+    model = prepare_network(initial_bisenet(args), args, device)
     optimizer = build_optimizer(args.optimizer, model.parameters(), args.learning_rate, args.weight_decay, args.momentum)
     return model, optimizer

@@ -99,5 +99,17 @@ def scores_to_json(scores, class_names=CLASS_NAMES):
     }
 
 
+def scores_from_json(record, class_names=CLASS_NAMES):
+    """The inverse of ``scores_to_json`` (null -> NaN; per-class IoU back in class order)."""
+    def value(number):
+        return math.nan if number is None else float(number)
+    return {
+        "pixel_accuracy": value(record["pixel_accuracy"]),
+        "miou": value(record["miou"]),
+        "num_pixels": record["num_pixels"],
+        "iou": [value(record["iou"][name]) for name in class_names],
+    }
+
+
 def dumps_scores(scores):
     return json.dumps(scores_to_json(scores), indent=2)

@@ -131,8 +131,9 @@ def add_mpl_args(parser):
                        help="teacher initialisation: any BiSeNet checkpoint load_bisenet reads (e.g. the DSC run's best.pth)")
     group.add_argument("--teacher-network", default="model",
                        help="which network of a multi-network teacher checkpoint (an MPL run's 'teacher', say)")
-    group.add_argument("--student-checkpoint", default=None,
-                       help="student initialisation (default: a fresh BiSeNet per --context-path/--pretrained)")
+    group.add_argument("--student-checkpoint", dest="init_from", default=None,
+                       help="student initialisation, the same as --init-from (default: a fresh BiSeNet per "
+                            "--context-path/--pretrained)")
     group.add_argument("--feedback", choices=FEEDBACKS, default="pham",
                        help="pham: h = student's labeled loss after - before its step, minus a moving baseline; "
                             "course: the report's H = student_lr x L_target x L_source, ramped by alpha(epoch)")
@@ -180,19 +181,6 @@ def resolve_mpl_schedule(args, batches_per_epoch):
     if args.alpha_ramp_epochs is None:
         args.alpha_ramp_epochs = args.max_iters / batches_per_epoch
     return max(1, round(args.alpha_ramp_epochs * batches_per_epoch))  # alpha's ramp in iterations
-
-
-def load_initial_network(path, args, key="model", context_path=None):
-    """A BiSeNet from any checkpoint ``load_bisenet`` reads, in training mode.
-
-    Its number of classes must be ``args.num_classes``, its context path ``context_path`` when
-    given (the teacher may be any architecture), and its input convention the data's.
-    """
-    network = load_bisenet(path, key=key, expect_num_classes=args.num_classes, expect_context_path=context_path)
-    if network.checkpoint_info["input_convention"] != args.input_convention:
-        raise SystemExit(f"{path} was trained with --input-convention {network.checkpoint_info['input_convention']}; "
-                         f"pass it here too (got {args.input_convention})")
-    return network.train()
 
 
 def read_thresholds(path, num_classes=NUM_CLASSES):

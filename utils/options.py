@@ -147,7 +147,12 @@ def add_training_args(parser, default_lr=2.5e-2):
     group.add_argument("--log-every", type=positive_int, default=10, help="log losses every N iterations")
     group.add_argument("--checkpoint-every", type=non_negative_int, default=0,
                        help="write last.pth every N iterations (0: at each validation)")
-    group.add_argument("--resume", default=None, help="continue from a last.pth/best.pth of this project")
+    group.add_argument("--init-from", default=None, metavar="CHECKPOINT",
+                       help="start from these BiSeNet weights (this project's or the course's checkpoint) with a "
+                            "fresh optimizer and LR schedule: fine-tuning, e.g. adaptation from a source-only model")
+    group.add_argument("--resume", default=None,
+                       help="continue from a last.pth/best.pth of this project exactly (weights, optimizers, "
+                            "schedule, data order)")
     group.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", help="disable TensorBoard logging")
     group.add_argument("--wandb", action="store_true", help="log to Weights & Biases (honours WANDB_MODE=offline)")
     group.add_argument("--wandb-project", default="uda-bisenet", help="W&B project name")

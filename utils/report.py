@@ -20,29 +20,44 @@ def _cell(mean, std, show_std):
     return f"{100 * mean:.1f} ± {100 * std:.1f}" if show_std else f"{100 * mean:.1f}"
 
 
-def table1_markdown(rows, baseline=None):
+def table1_markdown(rows, baseline=None, iterations=None):
     """Report's Table I: per-class IoU (report's column order), mIoU, pixel accuracy, Δ vs baseline.
 
     ``rows``: list of (method label, list of score dicts, one per seed). With several seeds every
-    cell is mean ± standard deviation.
+    cell is mean ± standard deviation, and Δ is paired: the mean ± std over seeds of (row − baseline
+    of the same seed). ``iterations`` ({label: n}) adds the training iterations behind each row.
     """
     show_std = any(len(scores) > 1 for _, scores in rows)
-    baseline_miou = None
-    if baseline is not None:
-        baseline_miou = mean_std([s["miou"] for label, scores in rows if label == baseline for s in scores])[0]
-    header = ["method", *SHORT_NAMES, "mIoU", "acc", "ΔmIoU vs " + baseline if baseline else ""]
-    header = [h for h in header if h]
+    baseline_mious = [s["miou"] for label, scores in rows if label == baseline for s in scores] if baseline else []
+    header = ["method", *SHORT_NAMES, "mIoU", "acc"]
+    if baseline:
+        header.append("ΔmIoU vs " + baseline)
+    if iterations:
+        header.append("iterations")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for label, scores in rows:
         cells = [label]
         for index in range(len(SHORT_NAMES)):
             cells.append(_cell(*mean_std([s["iou"][index] for s in scores]), show_std))
-        miou = mean_std([s["miou"] for s in scores])
-        cells += [_cell(*miou, show_std), _cell(*mean_std([s["pixel_accuracy"] for s in scores]), show_std)]
+        mious = [s["miou"] for s in scores]
+        cells += [_cell(*mean_std(mious), show_std), _cell(*mean_std([s["pixel_accuracy"] for s in scores]), show_std)]
         if baseline:
-            cells.append("—" if label == baseline or baseline_miou is None else f"{100 * (miou[0] - baseline_miou):+.1f}")
+            cells.append(_delta_cell(label == baseline, mious, baseline_mious, show_std))
+        if iterations:
+            cells.append(str(iterations.get(label, "")))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _delta_cell(is_baseline, mious, baseline_mious, show_std):
+    if is_baseline or not baseline_mious:
+        return "—"
+    if len(mious) == len(baseline_mious):  # seed i against seed i
+        mean, std = mean_std([a - b for a, b in zip(mious, baseline_mious)])
+    else:
+        mean, std = mean_std(mious)[0] - mean_std(baseline_mious)[0], None
+    text = f"{100 * mean:+.1f}"
+    return f"{text} ± {100 * std:.1f}" if show_std and std is not None else text
 
 
 def table2_markdown(rows):
