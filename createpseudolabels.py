@@ -36,12 +36,12 @@ import argparse
 
 from dataset.common import DatasetError
 from model import load_bisenet
-from utils.builders import resolve_data, target_eval_dataset
+from utils.builders import resolve_data, resolve_input_convention, target_eval_dataset
 from utils.distributed import cleanup_distributed, init_distributed, is_main_process
 from utils.options import add_data_args, make_parser, non_negative_int, positive_float, positive_int
 from utils.precision import AMP_CHOICES, Precision
 from utils.pseudolabel_stats import MAX_THRESHOLD
-from utils.pseudolabels import DEFAULT_WRITER_THREADS, format_report, generate_pseudo_labels, resolve_input_convention
+from utils.pseudolabels import DEFAULT_WRITER_THREADS, format_report, generate_pseudo_labels
 from utils.cli import run_main
 
 NETWORKS = ("model", "teacher")
@@ -110,7 +110,7 @@ def main(args):
     device = init_distributed(args.device)
     model = load_bisenet(args.checkpoint, map_location="cpu", key=args.network)
     info = model.checkpoint_info
-    resolve_input_convention(args, model)
+    resolve_input_convention(args, model, "pseudo")
     resolve_data(args, need_source=False)
     dataset = pseudo_label_dataset(args)
     precision = Precision(device, args.amp)

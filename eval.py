@@ -27,7 +27,7 @@ from dataset.paths import cityscapes_result_name
 from model import load_bisenet
 from utils.benchmark import inference_throughput
 from utils.builders import (make_eval_loader, maybe_compile, prepare_network, resolve_data, resolve_fast_paths,
-                            target_eval_dataset)
+                            resolve_input_convention, target_eval_dataset)
 from utils.checkpoint import atomic_write
 from utils.distributed import cleanup_distributed, init_distributed, is_main_process
 from utils.evaluate import evaluate
@@ -93,11 +93,7 @@ def main(args):
     resolve_fast_paths(args, device)
     model = load_bisenet(args.checkpoint, map_location="cpu", key=args.network)
     info = model.checkpoint_info
-    stored = info.get("input_convention") or "imagenet"
-    if args.input_convention is None:
-        args.input_convention = stored
-    source_note = "recorded in the checkpoint" if args.input_convention == stored else f"from the flag; the checkpoint records {stored}"
-    print(f"[eval] input convention: {args.input_convention} ({source_note})")
+    resolve_input_convention(args, model, "eval")
     resolve_data(args, need_source=False)
     dataset = target_eval_dataset(args, split=args.split)
     loader = make_eval_loader(args, dataset, device, batch_size=args.batch_size)

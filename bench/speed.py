@@ -879,7 +879,6 @@ def measure_training(bench, context_path, discriminator_name, config):
         if bench.cuda:
             result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / GIB
     result.update(quantiles(samples), runs=p.train_runs, warmup=p.train_warmup, precision=precision.mode)
-    del network, model, discriminator, optimizer, optimizer_d
     if config.compile:
         reset_compiler()
     return result
@@ -1005,7 +1004,6 @@ def measure_e2e(bench, recorder):
     if synthetic and synthetic.get("median_ms"):
         result["synthetic_median_ms"] = synthetic["median_ms"]
         result["ratio_to_synthetic"] = result["median_ms"] / synthetic["median_ms"]
-    del streams
     return result
 
 

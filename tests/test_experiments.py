@@ -1,9 +1,12 @@
 """The main job (experiments.py) at a toy size: every stage runs and every file and row appears."""
 import json
+import sys
+import types
 
 import experiments
 from dataset.labels import SHORT_NAMES
-from utils.experiments import METHODS, STAGE_BY_KEY, Settings, start_iteration, total_iterations
+from utils.experiments import (METHODS, STAGE_ARGS, STAGE_BY_KEY, Settings, Stage, run_stage, start_iteration,
+                               total_iterations)
 from utils.report import table1_markdown
 
 
@@ -62,3 +65,21 @@ def test_table1_deltas_are_paired_by_seed():
     # per seed +3.0 and +1.0 points: mean 2.0, standard deviation sqrt(2) = 1.41
     assert dsc[-2:] == ["+2.0 ± 1.4", "750 |"]
     assert dsc[-4] == "17.0 ± 5.7"  # the row's own mIoU: mean of 13 and 21, unpaired std 5.66
+
+
+def test_a_rerun_stage_replaces_its_folder_and_only_its_folder(tmp_path, monkeypatch):
+    seen = {}
+    fake = types.ModuleType("fake_stage_script")
+    fake.get_args = lambda argv: argv
+    fake.main = lambda argv: seen.setdefault("files", sorted(p.name for p in (tmp_path / "seed0").rglob("*")))
+    monkeypatch.setitem(sys.modules, "fake_stage_script", fake)
+    monkeypatch.setitem(STAGE_ARGS, "fake", lambda settings, run_dir, seed_dir: ["--output-dir", str(run_dir)])
+    stale = tmp_path / "seed0" / "fake" / "last.pth"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("previous run")
+    neighbour = tmp_path / "seed0" / "source_only" / "last.pth"
+    neighbour.parent.mkdir()
+    neighbour.write_text("another stage")
+    run_stage(Stage("fake", "Fake", "fake_stage_script"), Settings(), tmp_path / "seed0")
+    assert seen["files"] == ["last.pth", "source_only"]  # the script started without the stale folder
+    assert not stale.parent.exists() and neighbour.read_text() == "another stage"

@@ -6,7 +6,6 @@ reach exactly the same weights, and a resumed pseudo-label run exactly the same 
 """
 import hashlib
 import os
-import shutil
 import signal
 import subprocess
 import sys

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import MPL
-from dataset.labels import IGNORE_INDEX, NUM_CLASSES
+from dataset.labels import NUM_CLASSES
 from model import build_bisenet, build_discriminator, load_bisenet, model_config
 from utils.checkpoint import CHECKPOINT_FORMAT, load_checkpoint_file
 from utils.engine import SOURCE_DOMAIN, domain_loss, main_output, segmentation_loss, set_requires_grad

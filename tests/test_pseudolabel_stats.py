@@ -4,7 +4,6 @@ The references below loop over classes on purpose: they are the obviously-correc
 utils/pseudolabel_stats.py does with bincount and searchsorted.
 """
 import io
-import os
 
 import numpy as np
 import pytest

@@ -1,6 +1,5 @@
 """The built-in synthetic benchmark: layout, determinism, caching, class coverage and a measurable shift."""
 import json
-import os
 from pathlib import Path
 
 import numpy as np

@@ -156,3 +156,15 @@ def segmentation_parts(args, device):
     model = prepare_network(initial_bisenet(args), args, device)
     optimizer = build_optimizer(args.optimizer, model.parameters(), args.learning_rate, args.weight_decay, args.momentum)
     return model, optimizer
+
+
+def resolve_input_convention(args, model, tag):
+    """``args.input_convention`` from the checkpoint unless the flag set it; prints which it is
+    (eval.py and createpseudolabels.py score checkpoints of either convention)."""
+    stored = model.checkpoint_info.get("input_convention") or "imagenet"
+    if args.input_convention is None:
+        args.input_convention = stored
+    note = ("recorded in the checkpoint" if args.input_convention == stored
+            else f"from the flag; the checkpoint records {stored}")
+    print(f"[{tag}] input convention: {args.input_convention} ({note})")
+    return args.input_convention

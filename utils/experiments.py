@@ -5,6 +5,7 @@ scripts called with its own command line (so a stage is exactly what a user woul
 scores every method on target val and writes the tables and pictures.
 """
 import shlex
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,6 +163,9 @@ def run_stage(stage, settings, seed_dir):
     module = importlib.import_module(stage.script)
     run_dir = Path(seed_dir) / stage.key
     argv = stage.argv(settings, run_dir, seed_dir)
+    if run_dir.exists():  # a rerun replaces the stage's folder whole: no file of the previous run survives
+        print(f"[stage {stage.key}] replacing the previous run in {run_dir}", flush=True)
+        shutil.rmtree(run_dir)
     print(f"\n[stage {stage.key}] python {stage.script}.py {shlex.join(argv)}", flush=True)
     started = time.perf_counter()
     module.main(module.get_args(argv))

@@ -69,7 +69,6 @@ student on the source only (``segmentation_loss`` would give 0/0); under torchru
 desynchronise the ranks. A ``segmentation_loss`` returning 0 for an all-ignored batch would remove
 the special case.
 """
-import argparse
 import contextlib
 import json
 from dataclasses import dataclass
@@ -81,12 +80,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from dataset.labels import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES, SHORT_NAMES
-from model import load_bisenet
 from utils.distributed import get_rank, get_world_size, is_distributed
 from utils.engine import (SOURCE_DOMAIN, adversarial_step, check_finite, discriminator_step, domain_loss,
                           main_output, segmentation_loss, set_requires_grad, unwrap)
 from utils.optim import OPTIMIZERS
-from utils.options import non_negative_int, positive_float
+from utils.options import non_negative_float, non_negative_int, positive_float, unit_interval
 from utils.pseudolabel_stats import MAX_THRESHOLD, ConfidenceHistogram, apply_thresholds, softmax_confidence
 
 FEEDBACKS = ("pham", "course")
@@ -111,20 +109,6 @@ _SEED_MODULUS = 2 ** 63
 
 
 # ---------------------------------------------------------------------------- options
-def unit_interval(text):
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text}")
-    return value
-
-
-def non_negative_float(text):
-    value = float(text)
-    if not value >= 0.0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
-    return value
-
-
 def add_mpl_args(parser):
     group = parser.add_argument_group("meta pseudo labels")
     group.add_argument("--teacher-checkpoint", required=True,

@@ -676,17 +676,3 @@ def generate_pseudo_labels(model, dataset, output_dir, device="cpu", *, num_clas
         say(f"[pseudo] wrote {written} label files ({len(dataset) - written} kept from before) to {output_dir}")
     barrier()
     return {"thresholds": report, "quality": quality, "written": written, "reused": len(dataset) - written}
-
-
-def resolve_input_convention(args, model, tag="pseudo"):
-    """``args.input_convention`` from the checkpoint unless the flag set it; prints which it is.
-
-    The same rule as eval.py's; a candidate for ``utils.builders`` so both scripts share it.
-    """
-    stored = model.checkpoint_info.get("input_convention") or "imagenet"
-    if args.input_convention is None:
-        args.input_convention = stored
-    note = ("recorded in the checkpoint" if args.input_convention == stored
-            else f"from the flag; the checkpoint records {stored}")
-    print(f"[{tag}] input convention: {args.input_convention} ({note})")
-    return args.input_convention
