@@ -20,8 +20,9 @@ Examples:
 """
 from model import model_config as bisenet_config
 from utils.adaptation import add_adversarial_args, build_discriminator_parts
-from utils.builders import (initial_bisenet, load_initial_bisenet, make_eval_loader, maybe_compile, prepare_network, resolve_data, source_train_dataset,
-                            target_eval_dataset, target_train_dataset, train_stream)
+from utils.builders import (initial_bisenet, load_initial_bisenet, make_eval_loader, maybe_compile, prepare_network,
+                            resolve_data, source_train_dataset, target_eval_dataset, target_train_dataset,
+                            train_stream)
 from utils.distributed import cleanup_distributed, wrap_ddp
 from utils.mpl import (Learner, MPLStep, PseudoLabeler, add_mpl_args, build_feedback,
                        read_thresholds, resolve_mpl_args, resolve_mpl_schedule)

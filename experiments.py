@@ -111,10 +111,13 @@ def score_methods(args, seed_dirs, device):
             checkpoint = Path(seed_dir) / stage / "last.pth"
             if not checkpoint.is_file():
                 continue
-            model = load_bisenet(checkpoint, key=network).to(device)
             # The run validated its last.pth at its final iteration with the same evaluate() on the
             # same data; scoring it again would only cost time (about 5 s a model on 2 CPU cores).
             final = _final_scores(Path(seed_dir) / stage, network, settings.stage_iterations(stage))
+            if final is not None and seed_dir != seed_dirs[0] and stage != "source_only":
+                scores.setdefault(label, []).append(final)
+                continue  # nothing else needs this model: its weights are not even read
+            model = load_bisenet(checkpoint, key=network).to(device)
             if final is None:
                 final = evaluate(model, loader, device, precision=precision, progress=False)
             scores.setdefault(label, []).append(final)

@@ -18,7 +18,7 @@ class Stage:
     key: str
     title: str
     script: str        # module name of the script: trainSupervised, trainUnsupervised, createpseudolabels, MPL
-    needs: tuple = ()  # stages whose outputs this one reads
+    needs: tuple = ()  # stages whose outputs this one reads, besides its parent's last.pth
     parent: str = None  # the stage whose last.pth this one starts from (its curve continues that one's)
 
     def argv(self, settings, run_dir, seed_dir):
@@ -118,13 +118,12 @@ STAGE_ARGS = {
 STAGES = (
     Stage("supervised", "Supervised (target labels)", "trainSupervised"),
     Stage("source_only", "Source only", "trainUnsupervised"),
-    Stage("source_only_ft", "Source only, continued (control)", "trainUnsupervised", needs=("source_only",),
-          parent="source_only"),
-    Stage("fcd", "Adversarial FCD", "trainUnsupervised", needs=("source_only",), parent="source_only"),
-    Stage("dsc", "Adversarial DSC", "trainUnsupervised", needs=("source_only",), parent="source_only"),
+    Stage("source_only_ft", "Source only, continued (control)", "trainUnsupervised", parent="source_only"),
+    Stage("fcd", "Adversarial FCD", "trainUnsupervised", parent="source_only"),
+    Stage("dsc", "Adversarial DSC", "trainUnsupervised", parent="source_only"),
     Stage("pseudo", "Pseudo labels from DSC", "createpseudolabels", needs=("dsc",)),
-    Stage("dsc_pl", "DSC + PL", "trainUnsupervised", needs=("pseudo", "dsc"), parent="dsc"),
-    Stage("mpl", "DSC + MPL", "MPL", needs=("dsc",), parent="dsc"),
+    Stage("dsc_pl", "DSC + PL", "trainUnsupervised", needs=("pseudo",), parent="dsc"),
+    Stage("mpl", "DSC + MPL", "MPL", parent="dsc"),
 )
 STAGE_KEYS = tuple(stage.key for stage in STAGES)
 STAGE_BY_KEY = {stage.key: stage for stage in STAGES}
