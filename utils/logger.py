@@ -66,18 +66,26 @@ class RunLogger:
             self._wandb = None
 
 
+GIT_COMMIT_ENV = "UDA_GIT_COMMIT"
+
+
 def git_commit():
-    """The repository's HEAD commit (with ``-dirty`` when there are local changes), or None."""
+    """The repository's HEAD commit (with ``-dirty`` when there are local changes), or None.
+
+    A copy of the working tree without ``.git`` (a remote GPU machine, say) cannot answer, so the
+    caller may name the commit in $UDA_GIT_COMMIT; git's own answer wins where there is one.
+    """
     repo = Path(__file__).resolve().parent.parent
+    fallback = os.environ.get(GIT_COMMIT_ENV) or None
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10)
         if commit.returncode != 0:
-            return None
+            return fallback
         dirty = subprocess.run(["git", "--no-optional-locks", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
                                capture_output=True, text=True, timeout=10)
         return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
-        return None
+        return fallback
 
 
 def plain_args(args):
