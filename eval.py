@@ -124,7 +124,8 @@ def main(args):
         print("\n" + table)
         for run in result.get("benchmark", []):
             print(f"[speed] batch {run['batch_size']} at {run['width']}x{run['height']}, {run['precision']}: "
-                  f"{run['images_per_s']:.1f} img/s (median of {run['runs']}, {run['device']})")
+                  f"{run['images_per_s']:.1f} img/s, {run['latency_ms']:.2f} ms per call alone (medians of "
+                  f"{run['runs']}, {run['device']})")
         write_json(output_dir / "eval.json", result)
         write_text(output_dir / "eval.md", table + "\n")
         print(f"[eval] wrote {output_dir / 'eval.json'} and {output_dir / 'eval.md'}")

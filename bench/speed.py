@@ -20,6 +20,8 @@ Sections (``--only``/``--skip`` choose; all by default):
   flip, normalise) on generated PNGs of the real sizes, in one process and with DataLoader workers.
 * ``lut``: the 256-entry lookup-table remap against a per-class loop on the same label maps.
 * ``flops``: GFLOPs (2 x MACs, ``torch.utils.flop_counter``; thop's count too where installed).
+* ``trace``: where one adversarial and one MPL step spend their time (``torch.profiler``, top
+  operators and kernels by self time on the device).
 
 Weights: with random initialisation and BatchNorm statistics at their initial values the logits are
 meaningless and nearly tied, so argmax agreement would measure noise; each context path is therefore
@@ -75,7 +77,7 @@ from utils.precision import Precision  # noqa: E402
 from utils.pseudolabel_stats import MAX_THRESHOLD, ConfidenceHistogram, per_image_thresholds  # noqa: E402
 
 SCHEMA = "bench.speed/1"
-SECTIONS = ("flops", "inference", "training", "pseudolabels", "mpl", "loader", "lut")
+SECTIONS = ("flops", "inference", "training", "pseudolabels", "mpl", "loader", "lut", "trace")
 GIB = 2 ** 30
 
 # Learning rates of the scripts' defaults (trainUnsupervised / utils.adaptation).
@@ -164,13 +166,13 @@ PROFILES = {
     "gpu": Profile(
         name="gpu",
         inference=((R18, HALF, 1), (R18, HALF, 16), (R18, FULL, 1), (R101, HALF, 1), (R101, FULL, 1)),
-        compile_plan=((R18, HALF, 1, "reduce-overhead", 1), (R18, HALF, 16, "reduce-overhead", 2),
-                      (R101, HALF, 1, "reduce-overhead", 3), (R18, FULL, 1, "reduce-overhead", 4),
-                      (R18, HALF, 1, "default", 6), (R101, FULL, 1, "reduce-overhead", 8)),
+        compile_plan=((R18, HALF, 1, "reduce-overhead", 1), (R18, HALF, 16, "reduce-overhead", 3),
+                      (R101, HALF, 1, "reduce-overhead", 4), (R18, FULL, 1, "reduce-overhead", 5),
+                      (R18, HALF, 1, "default", 7), (R101, FULL, 1, "reduce-overhead", 9)),
         infer_warmup=10, infer_runs=30, compiled_runs=30,
         train_source=TRAIN_SOURCE, train_target=TRAIN_TARGET, train_batch=TRAIN_BATCH,
         train_pairs=((R18, "dsc", "levers"), (R18, "fcd", "pair"), (R101, "dsc", "pair")),
-        train_compile=((R18, "dsc", "scripts", 5), (R101, "dsc", "scripts", 9), (R18, "dsc", "static", 10)),
+        train_compile=((R18, "dsc", "scripts", 2), (R101, "dsc", "scripts", 6), (R18, "dsc", "static", 10)),
         train_warmup=3, train_runs=15, curve_iters=30, e2e_iters=15,
         pl_size=HALF, pl_batch=16, pl_naive_images=16, pl_runs=10, mpl_runs=8,
         loader_images=16, loader_batch=4, loader_batches=32,
@@ -239,7 +241,7 @@ CUDA_INFER_LEVERS = (
 CPU_INFER_LEVERS = (INFER_NAIVE, InferConfig("cl", "fp32 + channels_last", channels_last=True))
 COMPILE_LABELS = {"default": "torch.compile (default)", "reduce-overhead": "torch.compile reduce-overhead (CUDA graphs)",
                   "max-autotune-no-cudagraphs": "torch.compile max-autotune-no-cudagraphs"}
-COMPILE_COST_S = {R18: 70, R101: 110}  # rough first-call compile time on an H100 machine (16 cores)
+COMPILE_COST_S = {R18: 30, R101: 45}  # first call + timing on an H100 machine (16 cores): measured 14-22 s + ~5 s
 MAX_AUTOTUNE_COST_S = 240
 
 
@@ -276,7 +278,7 @@ TRAIN_SCRIPTS_CPU = TrainConfig("ours", "fp32 + channels_last + foreach (scripts
                                 channels_last=True, optimizer="foreach")
 CPU_TRAIN_LEVERS = (TRAIN_NAIVE_CPU, TrainConfig("foreach", "+ foreach optimizers", optimizer="foreach"),
                     TRAIN_SCRIPTS_CPU)
-TRAIN_COMPILE_COST_S = {R18: 150, R101: 220}
+TRAIN_COMPILE_COST_S = {R18: 90, R101: 120}  # not yet measured: about 3x inference
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1157,49 +1159,56 @@ def pseudolabel_jobs(bench, recorder):
         jobs.append(Job("pseudolabels", "pass1_compiled", "pass 1 with torch.compile reduce-overhead",
                         _bind(pass_one, True, False, 1, "reduce-overhead"),
                         settings={**settings, "amp": amp, "compile": "reduce-overhead"},
-                        cost_s=COMPILE_COST_S[R18], phase=1, priority=7))
+                        cost_s=COMPILE_COST_S[R18], phase=1, priority=8))
     return jobs
 
 
 # ---------------------------------------------------------------------------------------------
 # (4) MPL
 # ---------------------------------------------------------------------------------------------
-def mpl_jobs(bench, recorder):
-    p = bench.profile
+def mpl_step_callable(bench, kind):
+    """One call = one iteration of ``kind`` (adversarial | pham | course) with the scripts' default
+    settings at the training sizes; None when ``utils.mpl`` cannot be imported."""
+    from utils.mpl import CourseFeedback, Learner, MPLStep, PhamFeedback, PseudoLabeler
+
     config = TRAIN_SCRIPTS_CUDA if bench.cuda else TRAIN_SCRIPTS_CPU
-    settings = {"context_path": R18, "discriminator": "dsc", "batch_size": p.train_batch,
-                "source_size": size_text(p.train_source), "target_size": size_text(p.train_target),
-                "amp": config.amp, "channels_last": config.channels_last, "optimizers": config.optimizer}
+    source, labels, target = bench.train_batch()
+    precision = Precision(bench.device, config.amp)
 
     def learner():
-        from utils.mpl import Learner
-
         network, _, discriminator, optimizer, optimizer_d, scaler, scaler_d, _ = build_training(
             bench, R18, "dsc", config)
         return Learner(network, optimizer, scaler, discriminator, optimizer_d, scaler_d)
 
+    if kind == "adversarial":
+        student = learner()
+        return lambda: adversarial_step(student.model, student.discriminator, student.optimizer, student.optimizer_d,
+                                        student.scaler, student.scaler_d, precision, source, labels, target,
+                                        lambda_adv=LAMBDA_ADV)
+    feedback = PhamFeedback() if kind == "pham" else CourseFeedback(ramp_iters=10)
+    step = MPLStep(learner(), learner(), PseudoLabeler(NUM_CLASSES).to(bench.device), feedback.to(bench.device),
+                   precision, lambda_adv=LAMBDA_ADV)
+    counter = iter(range(10 ** 9))
+    return lambda: step(source, labels, target, next(counter))
+
+
+def _train_default_settings(bench):
+    p = bench.profile
+    config = TRAIN_SCRIPTS_CUDA if bench.cuda else TRAIN_SCRIPTS_CPU
+    return {"context_path": R18, "discriminator": "dsc", "batch_size": p.train_batch,
+            "source_size": size_text(p.train_source), "target_size": size_text(p.train_target),
+            "amp": config.amp, "channels_last": config.channels_last, "optimizers": config.optimizer}
+
+
+def mpl_jobs(bench, recorder):
+    p = bench.profile
+    config = TRAIN_SCRIPTS_CUDA if bench.cuda else TRAIN_SCRIPTS_CPU
+
     def measure(kind):
         try:
-            from utils.mpl import CourseFeedback, MPLStep, PhamFeedback, PseudoLabeler
+            call = mpl_step_callable(bench, kind)
         except ImportError as error:
             return {"skipped": f"utils.mpl not importable ({error})"}
-        source, labels, target = bench.train_batch()
-        precision = Precision(bench.device, config.amp)
-        if kind == "adversarial":
-            student = learner()
-
-            def call():
-                adversarial_step(student.model, student.discriminator, student.optimizer, student.optimizer_d,
-                                 student.scaler, student.scaler_d, precision, source, labels, target,
-                                 lambda_adv=LAMBDA_ADV)
-        else:
-            feedback = PhamFeedback() if kind == "pham" else CourseFeedback(ramp_iters=10)
-            step = MPLStep(learner(), learner(), PseudoLabeler(NUM_CLASSES).to(bench.device),
-                           feedback.to(bench.device), precision, lambda_adv=LAMBDA_ADV)
-            counter = iter(range(10 ** 9))
-
-            def call():
-                step(source, labels, target, next(counter))
         with cudnn_flags(benchmark=config.cudnn_benchmark):
             _, samples = time_callable(call, bench.device, warmup=p.train_warmup, runs=p.mpl_runs)
         result = quantiles(samples)
@@ -1209,9 +1218,64 @@ def mpl_jobs(bench, recorder):
                 result["ratio_to_adversarial"] = result["median_ms"] / baseline["median_ms"]
         return result
 
-    return [Job("mpl", kind, name, _bind(measure, kind), settings=settings, cost_s=10)
+    return [Job("mpl", kind, name, _bind(measure, kind), settings=_train_default_settings(bench), cost_s=10)
             for kind, name in (("adversarial", "adversarial step (ours)"), ("pham", "MPL step, pham feedback"),
                                ("course", "MPL step, course feedback")) if kind in p.mpl_variants]
+
+
+# ---------------------------------------------------------------------------------------------
+# Where a step's time goes: torch.profiler, per operator and kernel
+# ---------------------------------------------------------------------------------------------
+TRACE_ROWS = 25
+
+
+def _event_time_us(event, cuda):
+    """Self time of a profiler average on the device (CUDA) or the CPU, in microseconds (names
+    changed across torch versions: device_* since 2.4, cuda_* before)."""
+    names = ("self_device_time_total", "self_cuda_time_total") if cuda else ("self_cpu_time_total",)
+    for name in names:
+        value = getattr(event, name, None)
+        if value is not None:
+            return float(value)
+    return 0.0
+
+
+def trace_step(bench, kind, steps):
+    """torch.profiler over ``steps`` iterations of ``kind`` (after warm-up): the top operators and
+    kernels by self time on the device, and how busy the device was over the step's wall time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    config = TRAIN_SCRIPTS_CUDA if bench.cuda else TRAIN_SCRIPTS_CPU
+    call = mpl_step_callable(bench, kind)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if bench.cuda else [])
+    with cudnn_flags(benchmark=config.cudnn_benchmark):
+        for _ in range(max(2, bench.profile.train_warmup)):
+            call()
+        synchronize(bench.device)
+        started = time.perf_counter()
+        with profile(activities=activities) as profiler:
+            for _ in range(steps):
+                call()
+            synchronize(bench.device)
+        wall_s = time.perf_counter() - started
+    averages = profiler.key_averages()
+    rows = sorted(((event.key, event.count, _event_time_us(event, bench.cuda)) for event in averages),
+                  key=lambda row: -row[2])
+    total_us = sum(row[2] for row in rows)
+    top = [{"name": name[:120], "calls_per_step": count / steps, "ms_per_step": us / steps / 1e3,
+            "share": us / total_us if total_us else None} for name, count, us in rows[:TRACE_ROWS]]
+    return {"steps": steps, "wall_ms_per_step_profiled": 1e3 * wall_s / steps,
+            "device_busy_ms_per_step": total_us / steps / 1e3 if bench.cuda else None,
+            "top": top, "timer": "self device time" if bench.cuda else "self CPU time",
+            "note": "profiling adds overhead: compare shares, not the wall time, with the timed entries"}
+
+
+def trace_jobs(bench, recorder):
+    steps = 3 if bench.cuda else 1
+    return [Job("trace", kind, f"torch.profiler: {name}, {steps} steps", _bind(trace_step, bench, kind, steps),
+                settings=_train_default_settings(bench), cost_s=15)
+            for kind, name in (("adversarial", "adversarial step R18+DSC (ours)"), ("pham", "MPL step, pham feedback"))
+            if kind in bench.profile.mpl_variants]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1364,7 +1428,8 @@ def flops_jobs(bench, recorder):
 
 
 SECTION_JOBS = {"flops": flops_jobs, "inference": inference_jobs, "training": training_jobs,
-                "pseudolabels": pseudolabel_jobs, "mpl": mpl_jobs, "loader": loader_jobs, "lut": lut_jobs}
+                "pseudolabels": pseudolabel_jobs, "mpl": mpl_jobs, "loader": loader_jobs, "lut": lut_jobs,
+                "trace": trace_jobs}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1576,10 +1641,12 @@ def markdown(result):
                 naive[shape] = entry.get("images_per_s")
             rate = entry.get("images_per_s")
             speedup = rate / naive[shape] if rate and naive.get(shape) else None
-            rows.append((shape, config, _fmt(rate), _fmt(speedup, 3), _fmt(entry.get("agreement")),
-                         _fmt(entry.get("compile_s"), 3), _status(entry)))
-        lines += ["## Inference", ""]
-        lines += _table(("shape", "configuration", "img/s", "x naive", "agreement", "compile s", "note"), rows)
+            rows.append((shape, config, _fmt(rate), _fmt(speedup, 3), _fmt(entry.get("latency_ms")),
+                         _fmt(entry.get("agreement")), _fmt(entry.get("compile_s"), 3), _status(entry)))
+        lines += ["## Inference", "", "img/s: blocks of back-to-back calls (throughput); latency: one call timed "
+                                      "alone (host dispatch included).", ""]
+        lines += _table(("shape", "configuration", "img/s", "x naive", "latency ms", "agreement", "compile s",
+                         "note"), rows)
         lines.append("")
     if "training" in sections:
         rows, naive = [], {}
@@ -1624,6 +1691,18 @@ def markdown(result):
         rows = [(entry["name"], *(_fmt(entry.get(f)) for f in fields), _status(entry))
                 for entry in sections[name]["entries"]]
         lines += [f"## {title}", ""] + _table(("entry", *fields, "note"), rows) + [""]
+    for entry in sections.get("trace", {}).get("entries", []):
+        lines += [f"## {entry['name']}", ""]
+        if entry.get("top"):
+            busy = entry.get("device_busy_ms_per_step")
+            lines.append(f"{entry['timer']}; profiled wall {_fmt(entry.get('wall_ms_per_step_profiled'))} ms per step"
+                         + (f", device busy {_fmt(busy)} ms per step" if busy is not None else "") + ".")
+            lines.append("")
+            lines += _table(("operator / kernel", "calls per step", "ms per step", "share"),
+                            [(row["name"], row["calls_per_step"], row["ms_per_step"], row["share"]) for row in entry["top"]])
+        else:
+            lines.append(_status(entry))
+        lines.append("")
     notes = [(name, note) for name, section in sections.items() for note in section.get("notes", [])]
     if notes or result.get("weights"):
         lines += ["## Notes", ""]
@@ -1647,6 +1726,9 @@ def get_args_parser():
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"), help="folder for speed_<profile>.json/.md")
     parser.add_argument("--only", nargs="+", choices=SECTIONS, default=None, help="run only these sections")
     parser.add_argument("--skip", nargs="+", choices=SECTIONS, default=(), help="leave these sections out")
+    parser.add_argument("--match", nargs="+", default=None, metavar="TEXT",
+                        help="keep only the entries whose SECTION/KEY contains one of these texts (a targeted "
+                             "rerun, e.g. --match /naive compile_reduce mpl/)")
     parser.add_argument("--no-compile", action="store_true", help="no torch.compile entries at all")
     parser.add_argument("--compile-train", choices=("auto", "on", "off"), default="auto",
                         help="torch.compile training entries: auto = the profile's plan while the budget lasts, "
@@ -1690,6 +1772,8 @@ def main(args):
             jobs += SECTION_JOBS[section](bench, recorder)
         except Exception as error:  # noqa: BLE001 - a section that cannot even be set up is recorded
             recorder.note(section, f"not run: {type(error).__name__}: {error}")
+    if args.match:  # a targeted rerun: only the entries named
+        jobs = [job for job in jobs if any(text in f"{job.section}/{job.key}" for text in args.match)]
     order = sorted(range(len(jobs)), key=lambda i: (jobs[i].phase, jobs[i].priority if jobs[i].phase else 0, i))
     try:
         for index in order:

@@ -477,17 +477,18 @@ def test_training_and_evaluation_write_only_in_their_folders(data, tmp_path, mon
             ((p, p.stat()) for p in sorted(data.rglob("*")))} == data_before
 
 
-def test_git_commit_falls_back_to_the_environment_only_without_git(monkeypatch):
-    """A copy of the tree without .git (a remote GPU machine) records the commit its caller names."""
+def test_git_commit_named_by_the_environment_wins(monkeypatch):
+    """A tree copied to a GPU machine (no .git, or a stale one) records the commit its caller names."""
     import subprocess
 
     from utils import logger
 
-    monkeypatch.setenv(logger.GIT_COMMIT_ENV, "abc123")
+    monkeypatch.delenv(logger.GIT_COMMIT_ENV, raising=False)
     real = logger.git_commit()
-    assert real != "abc123" and len(real.split("-")[0]) == 40  # this checkout has git: git wins
-    monkeypatch.setattr(logger.subprocess, "run",
-                        lambda *a, **k: subprocess.CompletedProcess(a, 128, "", "fatal: not a git repository"))
+    assert len(real.split("-")[0]) == 40  # this checkout has git
+    monkeypatch.setenv(logger.GIT_COMMIT_ENV, "abc123")
     assert logger.git_commit() == "abc123"
     monkeypatch.delenv(logger.GIT_COMMIT_ENV)
+    monkeypatch.setattr(logger.subprocess, "run",
+                        lambda *a, **k: subprocess.CompletedProcess(a, 128, "", "fatal: not a git repository"))
     assert logger.git_commit() is None

@@ -72,20 +72,21 @@ GIT_COMMIT_ENV = "UDA_GIT_COMMIT"
 def git_commit():
     """The repository's HEAD commit (with ``-dirty`` when there are local changes), or None.
 
-    A copy of the working tree without ``.git`` (a remote GPU machine, say) cannot answer, so the
-    caller may name the commit in $UDA_GIT_COMMIT; git's own answer wins where there is one.
+    A copy of the working tree sent to another machine (a lent GPU) may carry no ``.git``, or a stale
+    one, so a caller that knows better names the commit in $UDA_GIT_COMMIT, which then wins.
     """
+    if os.environ.get(GIT_COMMIT_ENV):
+        return os.environ[GIT_COMMIT_ENV]
     repo = Path(__file__).resolve().parent.parent
-    fallback = os.environ.get(GIT_COMMIT_ENV) or None
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10)
         if commit.returncode != 0:
-            return fallback
+            return None
         dirty = subprocess.run(["git", "--no-optional-locks", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
                                capture_output=True, text=True, timeout=10)
         return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
-        return fallback
+        return None
 
 
 def plain_args(args):
