@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from model import build_bisenet, build_discriminator
-from utils.engine import NonFiniteLossError, adversarial_step, segmentation_loss, supervised_step
+from utils.engine import NonFiniteLossError, adversarial_step, segmentation_loss, summed_cross_entropy, supervised_step
 from utils.optim import build_optimizer, poly_lr
 from utils.precision import Precision
 
@@ -97,6 +97,27 @@ def test_segmentation_loss_sums_three_heads_and_ignores_255():
     labels_ignored[0, 0, 0] = 255
     expected = torch.nn.functional.cross_entropy(logits, labels_ignored, ignore_index=255)
     assert segmentation_loss(logits, labels_ignored) == pytest.approx(expected.item())
+
+
+def test_cross_entropy_reads_channels_last_logits_class_last_with_the_same_value_and_gradient():
+    """The class-last view of channels-last logits is the same function, and its gradient stays
+    channels-last (so an upsampling before the loss keeps its NHWC backward on a GPU)."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 19, 12, 20, dtype=torch.float64)
+    labels = torch.randint(0, 19, (2, 12, 20))
+    labels[0, :3] = 255
+    nchw = logits.clone().requires_grad_()
+    nhwc = logits.clone().contiguous(memory_format=torch.channels_last).requires_grad_()
+    reference = torch.nn.functional.cross_entropy(nchw.float(), labels, ignore_index=255, reduction="sum")
+    value = summed_cross_entropy(nhwc, labels)
+    reference.backward()
+    value.backward()
+    assert torch.allclose(value, reference, rtol=1e-6)
+    assert torch.allclose(nhwc.grad, nchw.grad, atol=1e-6)
+    assert nhwc.grad.is_contiguous(memory_format=torch.channels_last) and not nhwc.grad.is_contiguous()
+    # Hand check of the ignore rule: only labeled pixels count.
+    one = torch.zeros(1, 19, 1, 2)
+    assert torch.isclose(summed_cross_entropy(one, torch.tensor([[[3, 255]]])), torch.log(torch.tensor(19.0)))
 
 
 def test_supervised_steps_lower_the_loss():

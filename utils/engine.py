@@ -31,6 +31,23 @@ def main_output(outputs):
     return outputs[0] if isinstance(outputs, (tuple, list)) else outputs
 
 
+def summed_cross_entropy(logits, labels):
+    """Sum over the labeled pixels of the float32 cross-entropy (ignore 255) of [B, K, H, W] logits.
+
+    Channels-last logits (the scripts' default) are read as a [B*H*W, K] view, class last.
+    In that layout the softmax needs no copy, and the gradient comes back channels-last, so the
+    upsampling before the loss runs its NHWC backward. Read as NCHW instead, CUDA's softmax first
+    makes a transposing copy of every full-resolution head, and the gradient it returns sends the
+    upsampling's backward to the NCHW kernel; the H100 profile of a training step
+    (bench/results/speed_gpu_rerun.md) puts those two at about a third of the step. Either way the
+    function is the same; only the order of the floating-point sums differs.
+    """
+    if logits.dim() == 4 and not logits.is_contiguous() and logits.is_contiguous(memory_format=torch.channels_last):
+        class_last = logits.permute(0, 2, 3, 1).reshape(-1, logits.shape[1])  # a view, no copy
+        return F.cross_entropy(class_last.float(), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+    return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+
+
 def segmentation_loss(outputs, labels):
     """Cross-entropy (ignore 255) on the main output plus the two auxiliary outputs."""
     if not isinstance(outputs, (tuple, list)):
@@ -38,8 +55,7 @@ def segmentation_loss(outputs, labels):
     # Mean over the labeled pixels, and 0 (not NaN) for a batch whose pixels are all ignored (a
     # pseudo-label batch where nothing passed the thresholds).
     labeled = (labels != IGNORE_INDEX).sum().clamp(min=1)
-    return sum(F.cross_entropy(output.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum") / labeled
-               for output in outputs)
+    return sum(summed_cross_entropy(output, labels) / labeled for output in outputs)
 
 
 def domain_loss(discriminator, probabilities, domain):
