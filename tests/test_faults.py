@@ -173,11 +173,12 @@ def _env():
     return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO))
 
 
-def start(script, args, log_dir, name):
-    """The script in its own process (stdout/stderr to files, so nothing blocks while we poll)."""
+def start(script, args, log_dir, name, new_session=False):
+    """The script in its own process (stdout/stderr to files, so nothing blocks while we poll);
+    ``new_session``: in a process group of its own, which a test may signal whole."""
     out, err = open(log_dir / f"{name}.out", "w"), open(log_dir / f"{name}.err", "w")
     process = subprocess.Popen([sys.executable, str(REPO / script), *map(str, args)], cwd=log_dir, env=_env(),
-                               stdout=out, stderr=err)
+                               stdout=out, stderr=err, start_new_session=new_session)
     process.logs = (log_dir / f"{name}.out", log_dir / f"{name}.err")
     out.close(), err.close()
     return process
@@ -266,6 +267,42 @@ def interrupted_runs(tiny_data_root, tmp_path_factory):
     return SimpleNamespace(straight=straight, split=split, sigterm=sigterm, stopped_at=stopped_at,
                            killed_at=killed_at, killed_rc=second.returncode, resumed=resumed,
                            straight_result=straight_result)
+
+
+def test_sigterm_to_the_whole_process_group_spares_the_loader_workers(tiny_data_root, tmp_path):
+    """SLURM and Ctrl-C signal the whole group: the DataLoader workers must ignore it, so the main
+    process can finish its step and save instead of dying on 'worker exited unexpectedly'."""
+    run = tmp_path / "group"
+    args = [*(word if word != "0" else "1" for word in TINY), *SCHEDULE]  # --workers 1
+    assert args[args.index("--workers") + 1] == "1"
+    process = start("trainUnsupervised.py", ["--data-root", tiny_data_root, *args, "--output-dir", run], tmp_path,
+                    "group", new_session=True)
+    try:
+        wait_for(lambda: logged_iterations(run) >= 1, process, "the first iteration")
+        os.killpg(process.pid, signal.SIGTERM)
+        code, out, err = finish(process)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert code == 128 + signal.SIGTERM, err
+    assert "checkpoint written to" in err and "exited unexpectedly" not in err and "Traceback" not in err
+    assert 1 <= load_checkpoint_file(run / "last.pth")["iteration"] < MAX_ITERS
+
+
+def test_every_loader_worker_ignores_stop_signals(tiny_data_root):
+    from dataset.cityscapes import CityscapesDataset
+    from utils.data import eval_loader
+    from utils.seed import ignore_stop_signals
+
+    loader = eval_loader(CityscapesDataset(tiny_data_root / "Cityscapes", split="val"), num_workers=1)
+    assert loader.worker_init_fn is ignore_stop_signals
+    previous = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    try:
+        ignore_stop_signals(0)
+        assert signal.getsignal(signal.SIGINT) == signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous[0])
+        signal.signal(signal.SIGTERM, previous[1])
 
 
 def test_sigterm_finishes_the_step_writes_a_checkpoint_and_exits_non_zero(interrupted_runs):

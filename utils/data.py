@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from utils.distributed import get_rank, get_world_size
-from utils.seed import make_generator, seed_worker
+from utils.seed import ignore_stop_signals, make_generator, seed_worker
 
 _SEED_STRIDE = 1_000_003  # separates the seed streams of different epochs and domains
 
@@ -140,7 +140,8 @@ class ShardedEvalSampler(Sampler):
 def eval_loader(dataset, batch_size=1, num_workers=0, pin_memory=False):
     """Deterministic, sharded loader for evaluation and prediction passes."""
     return DataLoader(dataset, batch_size=batch_size, sampler=ShardedEvalSampler(len(dataset)),
-                      num_workers=num_workers, pin_memory=pin_memory, shuffle=False)
+                      num_workers=num_workers, pin_memory=pin_memory, shuffle=False,
+                      worker_init_fn=ignore_stop_signals)
 
 
 def to_device(batch, device):

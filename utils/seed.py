@@ -12,15 +12,21 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def seed_worker(worker_id):
-    """``worker_init_fn``: derive numpy/random seeds from the torch seed the DataLoader gave the worker.
+def ignore_stop_signals(worker_id=None):
+    """``worker_init_fn`` of every DataLoader: workers ignore SIGINT/SIGTERM.
 
-    Workers ignore SIGINT/SIGTERM: a signal sent to the whole process group (Ctrl-C, SLURM) must
-    reach only the main process, which finishes its step and checkpoints; a worker dying first
-    would make the DataLoader raise and lose that work.
+    A signal sent to the whole process group (Ctrl-C, SLURM) must reach only the main process,
+    which finishes its step (or validation) and checkpoints; a worker dying first would make the
+    DataLoader raise and lose that work. The main process shuts the workers down itself.
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def seed_worker(worker_id):
+    """``worker_init_fn`` of the training streams: :func:`ignore_stop_signals`, then numpy/random
+    seeds derived from the torch seed the DataLoader gave the worker."""
+    ignore_stop_signals()
     worker_seed = torch.initial_seed() % 2 ** 32
     np.random.seed(worker_seed)
     random.seed(worker_seed)
