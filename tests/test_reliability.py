@@ -492,3 +492,32 @@ def test_git_commit_named_by_the_environment_wins(monkeypatch):
     monkeypatch.setattr(logger.subprocess, "run",
                         lambda *a, **k: subprocess.CompletedProcess(a, 128, "", "fatal: not a git repository"))
     assert logger.git_commit() is None
+
+
+def test_eval_benchmark_reports_throughput_and_latency(trained_run, tiny_data_root, tmp_path, capsys):
+    code, err, out = run_script(eval_script, ["--checkpoint", trained_run / "last.pth", "--data-root", tiny_data_root,
+                                              "--eval-size", "64x32", "--workers", "0", "--no-progress",
+                                              "--output-dir", tmp_path / "eval", "--benchmark", "--benchmark-batches",
+                                              "1", "2", "--benchmark-runs", "2", "--benchmark-warmup", "1"], capsys)
+    assert code == 0, err
+    runs = json.loads((tmp_path / "eval" / "eval.json").read_text())["benchmark"]
+    assert [run["batch_size"] for run in runs] == [1, 2]
+    for run in runs:
+        assert run["images_per_s"] > 0 and run["latency_ms"] > 0 and (run["height"], run["width"]) == (32, 64)
+        assert run["images_per_s"] == pytest.approx(run["batch_size"] / run["median_s"])
+    assert "img/s," in out and "ms per call alone" in out
+
+
+def test_time_callable_divides_each_sample_by_its_block_of_calls(monkeypatch):
+    from utils import benchmark
+
+    clock = {"now": 0.0, "calls": 0}
+
+    def call():  # each call "takes" 2 s of a fake clock
+        clock["now"] += 2.0
+        clock["calls"] += 1
+
+    monkeypatch.setattr(benchmark.time, "perf_counter", lambda: clock["now"])
+    median, samples = benchmark.time_callable(call, torch.device("cpu"), warmup=3, runs=4, calls_per_sample=5)
+    assert clock["calls"] == 3 + 4 * 5
+    assert median == 2.0 and samples == [2.0] * 4
