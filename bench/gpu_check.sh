@@ -5,14 +5,15 @@
 #      MPL cost included, until SPEED_BUDGET_S seconds (then its JSON/Markdown are final);
 #   2. the main job at a small size on CUDA with the scripts' CUDA defaults (bf16 autocast,
 #      channels_last, cudnn.benchmark): every stage, checkpoint, evaluation and table end to end.
-# Each part has its own hard time limit, so the whole call stays inside the device's 10 minutes.
+# Each part has its own hard time limit, so the whole call stays inside the device's 10 minutes
+# (defaults: at most about 585 s; call the device with timeout_s 600).
 #
 #   UDA_GIT_COMMIT=$(git rev-parse HEAD) bash bench/gpu_check.sh "$OUT"
 set -u
 OUT_DIR=${1:-${OUT:-bench/results/gpu_check}}
-SPEED_BUDGET_S=${SPEED_BUDGET_S:-400}
+SPEED_BUDGET_S=${SPEED_BUDGET_S:-430}
 SPEED_LIMIT_S=${SPEED_LIMIT_S:-$((SPEED_BUDGET_S + 50))}
-SMOKE_LIMIT_S=${SMOKE_LIMIT_S:-100}
+SMOKE_LIMIT_S=${SMOKE_LIMIT_S:-90}  # 0: skip the main job
 DEVICE=${DEVICE:-cuda}
 PYTHON=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
@@ -35,6 +36,7 @@ timeout -k 10 "$SPEED_LIMIT_S" $PYTHON bench/speed.py --device "$DEVICE" --profi
 echo "speed.py exit status $?"
 tail -n 40 "$OUT_DIR/speed.log"
 
+[ "$SMOKE_LIMIT_S" -gt 0 ] || exit 0
 echo "== main job at a small size on $DEVICE (hard limit ${SMOKE_LIMIT_S} s)"
 SMOKE=$(mktemp -d)
 timeout -k 10 "$SMOKE_LIMIT_S" bash -c "
