@@ -1,7 +1,8 @@
 """The main job: the report's whole pipeline on the built-in synthetic benchmark, then its tables.
 
 Runs, for each seed, at a small size that fits a laptop CPU:
-  1. supervised upper bound (target labels, from scratch)   2. source-only baseline (from scratch)
+  1. supervised upper bound (target labels, from scratch; it converges slowest, so it trains longest)
+  2. source-only baseline (from scratch)
   then, each fine-tuning the source-only model for the same number of iterations:
   3. source only, continued (the control: as much training, no adaptation)
   4. adversarial with FCD                                   5. adversarial with DSC
@@ -56,8 +57,11 @@ def get_args(argv=None):
     parser.add_argument("--target-size", type=size_type, default=size_type(defaults.target_size),
                         help="Cityscapes training and inference size WIDTHxHEIGHT (scored at full label resolution)")
     parser.add_argument("--batch-size", type=positive_int, default=defaults.batch_size, help="batch size per domain")
+    parser.add_argument("--supervised-iterations", type=positive_int, default=defaults.supervised_iterations,
+                        help="iterations of the supervised upper bound, trained from scratch on target labels (it "
+                             "converges more slowly than source only: see utils.experiments.Settings)")
     parser.add_argument("--iterations", type=positive_int, default=defaults.iterations,
-                        help="iterations of the stages trained from scratch (supervised, source only)")
+                        help="iterations of source only, trained from scratch on source labels")
     parser.add_argument("--adapt-iterations", type=positive_int, default=defaults.adapt_iterations,
                         help="iterations of the fine-tuning stages from the source-only model (control, FCD, DSC)")
     parser.add_argument("--pseudo-iterations", type=positive_int, default=defaults.pseudo_iterations,
@@ -79,7 +83,8 @@ def _settings(args):
     def fmt(size):
         return f"{size[1]}x{size[0]}"
     return Settings(data_root=args.data_root, source_size=fmt(args.source_size), target_size=fmt(args.target_size),
-                    batch_size=args.batch_size, iterations=args.iterations, adapt_iterations=args.adapt_iterations,
+                    batch_size=args.batch_size, supervised_iterations=args.supervised_iterations,
+                    iterations=args.iterations, adapt_iterations=args.adapt_iterations,
                     pseudo_iterations=args.pseudo_iterations, mpl_iterations=args.mpl_iterations,
                     val_every=args.val_every, workers=args.workers, device=args.device, optimizer=args.optimizer,
                     learning_rate=args.learning_rate, lambda_adv=args.lambda_adv,

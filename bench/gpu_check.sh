@@ -42,7 +42,7 @@ SMOKE=$(mktemp -d)
 timeout -k 10 "$SMOKE_LIMIT_S" bash -c "
     $PYTHON -m dataset.synthetic --out '$SMOKE/data' --num-source 40 --num-target-train 24 --num-target-val 8 --quiet &&
     $PYTHON experiments.py --device '$DEVICE' --data-root '$SMOKE/data' --output-dir '$SMOKE/results' \
-        --iterations 20 --adapt-iterations 10 --pseudo-iterations 10 --mpl-iterations 10 --val-every 10 \
+        --supervised-iterations 20 --iterations 20 --adapt-iterations 10 --pseudo-iterations 10 --mpl-iterations 10 --val-every 10 \
         --batch-size 4 --workers 4 --no-progress" > "$OUT_DIR/smoke.log" 2>&1
 echo "main job exit status $?"
 tail -n 25 "$OUT_DIR/smoke.log"

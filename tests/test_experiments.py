@@ -14,7 +14,8 @@ def test_pipeline_produces_every_table_row_and_file(tiny_data_root, tmp_path):
     out = tmp_path / "results"
     args = experiments.get_args([
         "--output-dir", str(out), "--data-root", str(tiny_data_root), "--source-size", "64x36",
-        "--target-size", "64x32", "--batch-size", "2", "--iterations", "2", "--pseudo-iterations", "2",
+        "--target-size", "64x32", "--batch-size", "2", "--supervised-iterations", "3", "--iterations", "2",
+        "--pseudo-iterations", "2",
         "--mpl-iterations", "2", "--val-every", "2", "--workers", "0", "--device", "cpu", "--no-progress"])
     summary = experiments.main(args)
     for name in ("table1.md", "table2.md", "miou_curves.png", "qualitative.png", "results.json"):
@@ -30,7 +31,8 @@ def test_pipeline_produces_every_table_row_and_file(tiny_data_root, tmp_path):
 
 
 def test_adaptation_stages_fine_tune_their_parent_and_count_its_iterations(tmp_path):
-    settings = Settings(iterations=10, adapt_iterations=3, pseudo_iterations=4, mpl_iterations=2)
+    settings = Settings(supervised_iterations=12, iterations=10, adapt_iterations=3, pseudo_iterations=4,
+                        mpl_iterations=2)
     seed_dir = tmp_path / "seed1"
 
     def argv(key):
@@ -48,7 +50,7 @@ def test_adaptation_stages_fine_tune_their_parent_and_count_its_iterations(tmp_p
     assert "--lambda-adv" in argv("fcd") and "--lambda-adv" not in argv("source_only_ft")
     assert argv("fcd")[argv("fcd").index("--seed") + 1] == "1"
     assert {key: total_iterations(settings, key) for key in ("supervised", "source_only_ft", "fcd", "dsc_pl", "mpl")} == {
-        "supervised": 10, "source_only_ft": 13, "fcd": 13, "dsc_pl": 17, "mpl": 15}
+        "supervised": 12, "source_only_ft": 13, "fcd": 13, "dsc_pl": 17, "mpl": 15}
     assert start_iteration(settings, "dsc_pl") == 13 and start_iteration(settings, "source_only") == 0
 
 
