@@ -283,6 +283,11 @@ CPU_TRAIN_LEVERS = (TRAIN_NAIVE_CPU, TRAIN_SCRIPTS_CPU,
 TRAIN_COMPILE_COST_S = {R18: 240, R101: 300}
 
 
+def scripts_train_config(bench):
+    """The training settings the scripts use by default on this bench's device."""
+    return TRAIN_SCRIPTS_CUDA if bench.cuda else TRAIN_SCRIPTS_CPU
+
+
 # ---------------------------------------------------------------------------------------------
 # Small helpers
 # ---------------------------------------------------------------------------------------------
@@ -988,7 +993,7 @@ def measure_e2e(bench, recorder):
         "target": BatchStream(RepeatedDataset(target, repeats), p.train_batch, seed=1, num_workers=workers,
                               pin_memory=bench.cuda),
     }
-    config = TRAIN_SCRIPTS_CUDA if bench.cuda else TRAIN_SCRIPTS_CPU
+    config = scripts_train_config(bench)
     network, model, discriminator, optimizer, optimizer_d, scaler, scaler_d, precision = build_training(
         bench, R18, "dsc", config)
 
@@ -1171,10 +1176,10 @@ def pseudolabel_jobs(bench, recorder):
 # ---------------------------------------------------------------------------------------------
 def mpl_step_callable(bench, kind):
     """One call = one iteration of ``kind`` (adversarial | pham | course) with the scripts' default
-    settings at the training sizes; None when ``utils.mpl`` cannot be imported."""
+    settings at the training sizes (ImportError when ``utils.mpl`` cannot be imported)."""
     from utils.mpl import CourseFeedback, Learner, MPLStep, PhamFeedback, PseudoLabeler
 
-    config = TRAIN_SCRIPTS_CUDA if bench.cuda else TRAIN_SCRIPTS_CPU
+    config = scripts_train_config(bench)
     source, labels, target = bench.train_batch()
     precision = Precision(bench.device, config.amp)
 
@@ -1196,8 +1201,7 @@ def mpl_step_callable(bench, kind):
 
 
 def _train_default_settings(bench):
-    p = bench.profile
-    config = TRAIN_SCRIPTS_CUDA if bench.cuda else TRAIN_SCRIPTS_CPU
+    p, config = bench.profile, scripts_train_config(bench)
     return {"context_path": R18, "discriminator": "dsc", "batch_size": p.train_batch,
             "source_size": size_text(p.train_source), "target_size": size_text(p.train_target),
             "amp": config.amp, "channels_last": config.channels_last, "optimizers": config.optimizer}
@@ -1205,7 +1209,7 @@ def _train_default_settings(bench):
 
 def mpl_jobs(bench, recorder):
     p = bench.profile
-    config = TRAIN_SCRIPTS_CUDA if bench.cuda else TRAIN_SCRIPTS_CPU
+    config = scripts_train_config(bench)
 
     def measure(kind):
         try:
@@ -1248,7 +1252,7 @@ def trace_step(bench, kind, steps):
     kernels by self time on the device, and how busy the device was over the step's wall time."""
     from torch.profiler import ProfilerActivity, profile
 
-    config = TRAIN_SCRIPTS_CUDA if bench.cuda else TRAIN_SCRIPTS_CPU
+    config = scripts_train_config(bench)
     call = mpl_step_callable(bench, kind)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if bench.cuda else [])
     with cudnn_flags(benchmark=config.cudnn_benchmark):

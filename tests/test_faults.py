@@ -273,8 +273,8 @@ def test_sigterm_to_the_whole_process_group_spares_the_loader_workers(tiny_data_
     """SLURM and Ctrl-C signal the whole group: the DataLoader workers must ignore it, so the main
     process can finish its step and save instead of dying on 'worker exited unexpectedly'."""
     run = tmp_path / "group"
-    args = [*(word if word != "0" else "1" for word in TINY), *SCHEDULE]  # --workers 1
-    assert args[args.index("--workers") + 1] == "1"
+    args = [*TINY, *SCHEDULE]
+    args[args.index("--workers") + 1] = "1"
     process = start("trainUnsupervised.py", ["--data-root", tiny_data_root, *args, "--output-dir", run], tmp_path,
                     "group", new_session=True)
     try:

@@ -34,7 +34,7 @@ def main_output(outputs):
 def summed_cross_entropy(logits, labels):
     """Sum over the labeled pixels of the float32 cross-entropy (ignore 255) of [B, K, H, W] logits.
 
-    Channels-last logits (the scripts' default) are read as a [B*H*W, K] view, class last.
+    Channels-last logits (the scripts' default on CUDA) are read as a [B*H*W, K] view, class last.
     In that layout the softmax needs no copy, and the gradient comes back channels-last, so the
     upsampling before the loss runs its NHWC backward. Read as NCHW instead, CUDA's softmax first
     makes a transposing copy of every full-resolution head, and the gradient it returns sends the

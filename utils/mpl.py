@@ -82,7 +82,7 @@ from torch import nn
 from dataset.labels import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES, SHORT_NAMES
 from utils.distributed import get_rank, get_world_size, is_distributed
 from utils.engine import (SOURCE_DOMAIN, adversarial_step, check_finite, discriminator_step, domain_loss,
-                          main_output, segmentation_loss, set_requires_grad, summed_cross_entropy, unwrap)
+                          main_output, segmentation_loss, set_requires_grad, unwrap)
 from utils.optim import OPTIMIZERS
 from utils.options import non_negative_float, non_negative_int, positive_float, unit_interval
 from utils.pseudolabel_stats import MAX_THRESHOLD, ConfidenceHistogram, apply_thresholds, softmax_confidence
@@ -266,9 +266,9 @@ class PseudoLabeler(nn.Module):
 
 
 def pseudo_label_loss(logits, labels):
-    """Mean cross-entropy over the pixels that have a label; 0 (not NaN) when none has."""
-    total = summed_cross_entropy(logits, labels)
-    return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
+    """Mean cross-entropy over the pixels that have a label; 0 (not NaN) when none has: the
+    segmentation loss of a single output."""
+    return segmentation_loss(logits, labels)
 
 
 # ---------------------------------------------------------------------------- augmented view
