@@ -34,17 +34,21 @@ def main_output(outputs):
 def summed_cross_entropy(logits, labels):
     """Sum over the labeled pixels of the float32 cross-entropy (ignore 255) of [B, K, H, W] logits.
 
-    Channels-last logits (the scripts' default on CUDA) are read as a [B*H*W, K] view, class last.
-    In that layout the softmax needs no copy, and the gradient comes back channels-last, so the
-    upsampling before the loss runs its NHWC backward. Read as NCHW instead, CUDA's softmax first
-    makes a transposing copy of every full-resolution head, and the gradient it returns sends the
-    upsampling's backward to the NCHW kernel; the H100 profile of a training step
-    (bench/results/speed_gpu_rerun.md) puts those two at about a third of the step. Either way the
-    function is the same; only the order of the floating-point sums differs.
+    Channels-last logits (the scripts' default on CUDA) are read class last, as the [B, H, W, K]
+    view they already are: the softmax needs no transposing copy, and the gradient comes back
+    channels-last, so the upsampling before the loss runs its NHWC backward (read as NCHW, the
+    H100 profile of a training step, bench/results/speed_gpu_rerun.md, put those two costs at
+    about a third of the step). The log-softmax and the pick of each label's entry are written
+    out there: F.cross_entropy on the flattened [B*H*W, K] view runs CUDA's 2-D NLL kernels, a
+    single-block reduction that took 19 ms of a 77-ms step on the H100 (bench/results/
+    speed_gpu_classlast_nll.md). Either way the function is the same; only the order of the
+    floating-point sums differs.
     """
     if logits.dim() == 4 and not logits.is_contiguous() and logits.is_contiguous(memory_format=torch.channels_last):
-        class_last = logits.permute(0, 2, 3, 1).reshape(-1, logits.shape[1])  # a view, no copy
-        return F.cross_entropy(class_last.float(), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+        log_probs = F.log_softmax(logits.permute(0, 2, 3, 1).float(), dim=-1)  # contiguous [B, H, W, K]
+        unlabeled = labels == IGNORE_INDEX
+        picked = log_probs.gather(-1, labels.masked_fill(unlabeled, 0).unsqueeze(-1)).squeeze(-1)
+        return -picked.masked_fill(unlabeled, 0.0).sum()
     return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
