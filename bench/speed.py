@@ -252,32 +252,34 @@ class TrainConfig:
     amp: str = "off"
     channels_last: bool = False
     cudnn_benchmark: bool = False
-    optimizer: str = "for-loop"    # for-loop | foreach (utils.optim.build_optimizer) | fused
+    optimizer: str = "for-loop"    # for-loop | foreach | fused (utils.optim.build_optimizer)
     compile: str = None            # None | "scripts" (torch.compile(model), as maybe_compile) | "static" (dynamic=False)
     discriminator_channels_last: bool = False
     finite_checks: bool = True     # False: utils.engine.check_finite (3 host syncs per step) patched out
 
 
 TRAIN_NAIVE_CUDA = TrainConfig("naive", "naive: fp16 autocast + 2 GradScalers, NCHW, for-loop optimizers", "fp16")
-TRAIN_SCRIPTS_CUDA = TrainConfig("ours", "bf16 + channels_last + foreach + cudnn.benchmark (scripts' default)",
-                                 "bf16", True, True, "foreach")
+TRAIN_SCRIPTS_CUDA = TrainConfig("ours", "bf16 + channels_last + fused + cudnn.benchmark (scripts' default)",
+                                 "bf16", True, True, "fused")
 CUDA_TRAIN_LEVERS = (
     TRAIN_NAIVE_CUDA,
     TrainConfig("cudnn", "+ cudnn.benchmark", "fp16", False, True),
     TrainConfig("foreach", "+ foreach optimizers", "fp16", False, True, "foreach"),
     TrainConfig("bf16", "bf16 instead of fp16 (no loss scaling)", "bf16", False, True, "foreach"),
     TRAIN_SCRIPTS_CUDA,
-    TrainConfig("ours_d_cl", "ours + discriminator channels_last", "bf16", True, True, "foreach",
+    TrainConfig("ours_d_cl", "ours + discriminator channels_last", "bf16", True, True, "fused",
                 discriminator_channels_last=True),
-    TrainConfig("ours_fused", "ours + fused optimizers", "bf16", True, True, "fused"),
+    TrainConfig("ours_foreach", "ours with foreach optimizers instead of fused", "bf16", True, True, "foreach"),
     TrainConfig("ours_no_sync", "ours without the per-step finiteness checks (3 host syncs; bench-only patch)",
-                "bf16", True, True, "foreach", finite_checks=False),
+                "bf16", True, True, "fused", finite_checks=False),
 )
 TRAIN_NAIVE_CPU = TrainConfig("naive", "naive: fp32, NCHW, for-loop optimizers")
-# --channels-last auto is off on the CPU (utils.builders.resolve_fast_paths): the scripts run NCHW there.
-TRAIN_SCRIPTS_CPU = TrainConfig("ours", "fp32 + foreach, NCHW (scripts' default on the CPU)", optimizer="foreach")
+TRAIN_SCRIPTS_CPU = TrainConfig("ours", "fp32 + channels_last + fused (scripts' default on the CPU)",
+                                channels_last=True, optimizer="fused")
 CPU_TRAIN_LEVERS = (TRAIN_NAIVE_CPU, TRAIN_SCRIPTS_CPU,
-                    TrainConfig("cl", "ours + channels_last (--channels-last on)", channels_last=True, optimizer="foreach"))
+                    TrainConfig("nchw", "ours in NCHW (--channels-last off)", optimizer="fused"),
+                    TrainConfig("foreach", "ours with foreach optimizers instead of fused", channels_last=True,
+                                optimizer="foreach"))
 # Compiling a training step (forward + backward, source and target shapes) is slow: on the H100
 # machine R18 was still in Inductor after 132 s (cut by the entry limit); on 2 CPU cores, 183 s.
 TRAIN_COMPILE_COST_S = {R18: 240, R101: 300}
@@ -385,14 +387,14 @@ def size_text(size_hw):
 def make_optimizer(kind, parameters, lr, implementation):
     """SGD (segmentation network) or Adam (discriminator) with the scripts' hyper-parameters.
 
-    ``foreach`` is ``utils.optim.build_optimizer`` itself; ``for-loop`` and ``fused`` change only
+    ``fused`` is ``utils.optim.build_optimizer`` itself; ``for-loop`` and ``foreach`` change only
     the implementation of the same update.
     """
-    if implementation == "foreach":
+    if implementation == "fused":
         if kind == "sgd":
             return build_optimizer("sgd", parameters, lr)
         return build_optimizer("adam", parameters, lr, weight_decay=0.0)
-    flags = {"foreach": False} if implementation == "for-loop" else {"fused": True}
+    flags = {"foreach": implementation == "foreach"}
     parameters = [p for p in parameters if p.requires_grad]
     if kind == "sgd":
         return torch.optim.SGD(parameters, lr=lr, momentum=SGD_MOMENTUM, weight_decay=SGD_WEIGHT_DECAY, **flags)

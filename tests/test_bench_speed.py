@@ -65,7 +65,9 @@ def test_toy_run_measures_each_section(toy_run):
     assert get["training"]["resnet18+dsc/ours"]["median_ms"] > 0
     curves = get["training"]["loss_curves"]
     assert set(curves["curves"]) == {"fp32", "fp32_cl", "ours"} and len(curves["curves"]["fp32"]["loss_seg"]) == 2
-    assert curves["max_rel_diff"] == 0.0  # on the CPU ours is fp32 NCHW itself (deterministic)
+    # On the CPU ours is fp32 too (channels_last, fused Adam): it departs from strict fp32 NCHW by
+    # rounding only, far below the 2-5 % of fp16/bf16 autocast on a GPU.
+    assert 0.0 < curves["max_rel_diff"] < 1e-3
     assert curves["noise_mean_rel_diff"] < 1e-3  # fp32 NCHW vs fp32 channels_last: rounding only
     assert get["training"]["e2e"]["median_ms"] > 0
     # The batched per-image thresholds equal the course's np.median loop up to float16 rounding.

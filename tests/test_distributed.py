@@ -36,8 +36,11 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "distributed_worker.py"
 TORCHRUN_TIMEOUT_S = 240
 MAX_ITERS, STOP_AT = 2, 1
-# Global batch 2 per domain in every run: 2 processes x 1 or 1 process x 2.
+# Global batch 2 per domain in every run: 2 processes x 1 or 1 process x 2. NCHW: in channels_last
+# oneDNN sums a weight gradient over a batch of 1 and of 2 in different orders, and that rounding
+# grew to 2.6e-6 in the weights after one step (measured); this file tests the batch split, not layouts.
 COMMON = ["--source-size", "64x36", "--target-size", "64x32", "--workers", "0", "--log-every", "1",
+          "--channels-last", "off",
           "--no-progress", "--no-tensorboard", "--seed", "3", "--freeze-bn", "--discriminator", "dsc",
           "--max-iters", str(MAX_ITERS), "--val-every", str(MAX_ITERS), "--checkpoint-every", "1"]
 ATOL = 1e-6

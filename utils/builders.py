@@ -97,11 +97,16 @@ def make_eval_loader(args, dataset, device, batch_size=1):
 
 
 def resolve_fast_paths(args, device):
-    """Turn the ``auto`` choices of --channels-last/--compile into booleans for this device."""
-    for flag in ("channels_last", "compile"):
+    """Turn the ``auto`` choices of --channels-last/--compile into on/off for this device.
+
+    channels_last is on for CUDA and the CPU: oneDNN's convolutions run faster in it too (measured
+    on 2 cores at the demo's size: a DSC adversarial iteration 17 % faster, a supervised one 5 %).
+    torch.compile only pays on CUDA, where its minutes of compilation buy faster inference.
+    """
+    for flag, devices in (("channels_last", ("cuda", "cpu")), ("compile", ("cuda",))):
         value = getattr(args, flag, "off")
         if value == "auto":
-            value = "on" if device.type == "cuda" else "off"
+            value = "on" if device.type in devices else "off"
         setattr(args, flag, value)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels

