@@ -53,6 +53,22 @@ def test_resumed_adversarial_run_equals_uninterrupted(tiny_data_root, tmp_path):
     assert final_straight["history"] == final_split["history"]
 
 
+def test_validation_does_not_change_the_training(tiny_data_root, tmp_path):
+    """The demo validates less often than it used to; the scores of a stage must not depend on how
+    often: a validation draws nothing from the training streams' generators or the global RNG."""
+    runs = {}
+    for every in (1, 4):
+        runs[every] = tmp_path / f"every{every}"
+        trainUnsupervised.main(_unsupervised(tiny_data_root, runs[every], "--discriminator", "dsc", "--max-iters", "4",
+                                             "--val-every", str(every), "--no-tensorboard"))
+    assert [entry["iteration"] for entry in load_checkpoint_file(runs[1] / "last.pth")["history"]] == [1, 2, 3, 4]
+    assert _losses(runs[1]) == _losses(runs[4])
+    often, rarely = load_checkpoint_file(runs[1] / "last.pth"), load_checkpoint_file(runs[4] / "last.pth")
+    for network in ("model", "discriminator"):
+        for key, value in often[network].items():
+            assert torch.equal(value, rarely[network][key]), f"{network}.{key} depends on the validation cadence"
+
+
 def test_source_only_builds_no_discriminator_and_writes_run_files(tiny_data_root, tmp_path):
     run = tmp_path / "source_only"
     trainer = trainUnsupervised.main(_unsupervised(tiny_data_root, run, "--discriminator", "none", "--max-iters", "2", "--no-tensorboard"))
