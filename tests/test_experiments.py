@@ -15,7 +15,7 @@ def test_pipeline_produces_every_table_row_and_file(tiny_data_root, tmp_path):
     args = experiments.get_args([
         "--output-dir", str(out), "--data-root", str(tiny_data_root), "--source-size", "64x36",
         "--target-size", "64x32", "--batch-size", "2", "--supervised-iterations", "3", "--iterations", "2",
-        "--pseudo-iterations", "2",
+        "--adapt-iterations", "2", "--pseudo-iterations", "2",
         "--mpl-iterations", "2", "--val-every", "2", "--workers", "0", "--device", "cpu", "--no-progress"])
     summary = experiments.main(args)
     for name in ("table1.md", "table2.md", "miou_curves.png", "qualitative.png", "results.json"):
