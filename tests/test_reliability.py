@@ -521,3 +521,22 @@ def test_time_callable_divides_each_sample_by_its_block_of_calls(monkeypatch):
     median, samples = benchmark.time_callable(call, torch.device("cpu"), warmup=3, runs=4, calls_per_sample=5)
     assert clock["calls"] == 3 + 4 * 5
     assert median == 2.0 and samples == [2.0] * 4
+
+
+def test_git_commit_is_dirty_for_code_changes_but_not_for_the_results_the_demo_writes(tmp_path, monkeypatch):
+    import subprocess
+
+    from utils import logger
+
+    monkeypatch.delenv(logger.GIT_COMMIT_ENV, raising=False)
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    (tmp_path / "results").mkdir()
+    (tmp_path / "code.py").write_text("x = 1\n")
+    (tmp_path / "results" / "table1.md").write_text("old\n")
+    for command in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "c"]):
+        subprocess.run(git + command, cwd=tmp_path, check=True)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    (tmp_path / "results" / "table1.md").write_text("new\n")
+    assert logger.git_commit(tmp_path) == head
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert logger.git_commit(tmp_path) == head + "-dirty"

@@ -69,21 +69,23 @@ class RunLogger:
 GIT_COMMIT_ENV = "UDA_GIT_COMMIT"
 
 
-def git_commit():
+def git_commit(repo=None):
     """The repository's HEAD commit (with ``-dirty`` when there are local changes), or None.
 
+    Changes under ``results/`` do not count: the main job overwrites its committed tables there
+    before it writes results.json, and the commit it records must say whether the *code* differed.
     A copy of the working tree sent to another machine (a lent GPU) may carry no ``.git``, or a stale
     one, so a caller that knows better names the commit in $UDA_GIT_COMMIT, which then wins.
     """
     if os.environ.get(GIT_COMMIT_ENV):
         return os.environ[GIT_COMMIT_ENV]
-    repo = Path(__file__).resolve().parent.parent
+    repo = Path(__file__).resolve().parent.parent if repo is None else Path(repo)
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, timeout=10)
         if commit.returncode != 0:
             return None
-        dirty = subprocess.run(["git", "--no-optional-locks", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
-                               capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "--no-optional-locks", "status", "--porcelain", "--untracked-files=no",
+                                "--", ".", ":(exclude)results"], cwd=repo, capture_output=True, text=True, timeout=10)
         return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return None
