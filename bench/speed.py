@@ -280,8 +280,8 @@ CPU_TRAIN_LEVERS = (TRAIN_NAIVE_CPU, TRAIN_SCRIPTS_CPU,
                     TrainConfig("nchw", "ours in NCHW (--channels-last off)", optimizer="fused"),
                     TrainConfig("foreach", "ours with foreach optimizers instead of fused", channels_last=True,
                                 optimizer="foreach"))
-# Compiling a training step (forward + backward, source and target shapes) is slow: on the H100
-# machine R18 was still in Inductor after 132 s (cut by the entry limit); on 2 CPU cores, 183 s.
+# Compiling a training step (forward + backward, source and target shapes) is slow: R18 took 200 s
+# on the H100 machine (bench/results/speed_gpu_classlast_nll.md), 183 s on 2 CPU cores at toy size.
 TRAIN_COMPILE_COST_S = {R18: 240, R101: 300}
 
 
@@ -928,8 +928,8 @@ def loss_curves(bench):
 
     Training amplifies any rounding difference, so the yardstick of "within noise" is measured too:
     ``fp32_cl`` is the same strict fp32 computation in channels_last, which only changes the order of
-    the sums. On the CPU ``ours`` is fp32 NCHW itself, so its deviation is 0 and fp32_cl's is the
-    noise floor.
+    the sums. On the CPU ``ours`` is fp32 too (channels_last, fused optimizers), so its deviation is
+    rounding alone, of the size of fp32_cl's noise floor.
     """
     device, p = bench.device, bench.profile
     source, labels, target = bench.train_batch()

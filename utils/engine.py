@@ -34,7 +34,7 @@ def main_output(outputs):
 def summed_cross_entropy(logits, labels):
     """Sum over the labeled pixels of the float32 cross-entropy (ignore 255) of [B, K, H, W] logits.
 
-    Channels-last logits (the scripts' default on CUDA) are read class last, as the [B, H, W, K]
+    Channels-last logits (the scripts' default, CPU and CUDA) are read class last, as the [B, H, W, K]
     view they already are: the softmax needs no transposing copy, and the gradient comes back
     channels-last, so the upsampling before the loss runs its NHWC backward (read as NCHW, the
     H100 profile of a training step, bench/results/speed_gpu_rerun.md, put those two costs at
