@@ -27,7 +27,8 @@ from utils.checkpoint import CHECKPOINT_FORMAT, CheckpointError
 
 torch.set_num_threads(2)
 
-COURSE_KEYS_JSON = Path("/work/shared/compat/course_bisenet_resnet18_keys.json")
+# The state_dict keys of the course repository's BiSeNet-R18, listed from its code (kept in the repository).
+COURSE_KEYS_JSON = Path(__file__).resolve().parent / "data" / "course_bisenet_resnet18_keys.json"
 SMALL = (64, 128)        # divisible by 32
 ODD = (100, 150)         # divisible by neither 8 nor 32
 TINY = (64, 96)          # for ResNet-101
