@@ -40,17 +40,28 @@ MAX_ITERS, STOP_AT = 2, 1
 # oneDNN sums a weight gradient over a batch of 1 and of 2 in different orders, and that rounding
 # grew to 2.6e-6 in the weights after one step (measured); this file tests the batch split, not layouts.
 # SGD for the discriminator too (its default is Adam): SGD's update is linear in the gradient, so a
-# wrong average over the processes (a sum, a missing rank) shows as a factor in the weights, and the
-# runs differ only by gradient sums rounded in another order, times the learning rate. Adam divides
-# each gradient by its own running size: it hides a wrong factor, and on a gradient near zero it turns
-# a rounding difference into a step as large as its learning rate (1e-6 after two steps was seen).
+# wrong average over the processes (a sum, a missing rank) shows as a factor in the update. Adam
+# divides each gradient by its own running size: it would hide such a factor.
 COMMON = ["--source-size", "64x36", "--target-size", "64x32", "--workers", "0", "--log-every", "1",
           "--channels-last", "off", "--optimizer-d", "sgd",
           "--no-progress", "--no-tensorboard", "--seed", "3", "--freeze-bn", "--discriminator", "dsc",
           "--max-iters", str(MAX_ITERS), "--val-every", str(MAX_ITERS), "--checkpoint-every", "1"]
-# About 8 float32 ulps of a weight of size 1: the weights are O(1) and SGD adds lr x (a gradient
-# whose summation order differs), so two runs agree to a few roundings of the weights.
-ATOL = 1e-6
+# Tolerances as fractions of one SGD step of each tensor (its largest change from iteration 1 to 2 in
+# the one-process run). The batch split only reorders float32 sums, so after the first step the runs
+# differ by rounding, far below a step (under 1e-3 of it measured), while a wrong gradient average
+# moves the weights by a whole step or half of one. Rounding-level weights can then flip a max-pool
+# or ReLU decision in the second forward, which changes a few gradient terms outright: the resumed
+# run's end agrees only to a few percent of a step (2.7 % measured on 2 cores), while a lost momentum
+# buffer, a restarted LR schedule or another batch changes it by tens of percent or more.
+FIRST_STEP_RTOL = 1e-2
+AFTER_RESUME_RTOL = 0.1
+
+
+def step_sizes(first, second):
+    """Per tensor, the largest change of one training step: second minus first iteration's weights."""
+    return {(network, key): (second[network][key] - value).abs().max().item()
+            for network in ("model", "discriminator") for key, value in first[network].items()
+            if value.is_floating_point()}
 
 
 def torchrun(*args, nproc=2):
@@ -69,13 +80,16 @@ def _losses(run_dir):
     return [json.loads(line) for line in (run_dir / "losses.jsonl").read_text().splitlines()]
 
 
-def assert_same_weights(expected, got, what):
+def assert_same_weights(expected, got, what, steps, rtol):
+    """Every float tensor within ``rtol`` x its step size (plus float32 rounding of its values)."""
     for network in ("model", "discriminator"):
         assert expected[network].keys() == got[network].keys()
         for key, value in expected[network].items():
             if value.is_floating_point():
-                assert torch.allclose(value, got[network][key], atol=ATOL, rtol=0), \
-                    f"{what}: {network}.{key} differs by {(value - got[network][key]).abs().max():.2e}"
+                difference = (value - got[network][key]).abs().max().item()
+                rounding = 4 * torch.finfo(torch.float32).eps * value.abs().max().item()
+                assert difference <= rtol * steps[network, key] + rounding, \
+                    f"{what}: {network}.{key} differs by {difference:.2e}, one step is {steps[network, key]:.2e}"
             else:
                 assert torch.equal(value, got[network][key]), f"{what}: {network}.{key} differs"
 
@@ -100,8 +114,9 @@ def runs(tiny_data_root, tmp_path_factory):
 
 
 def test_one_step_on_two_processes_equals_one_process_with_the_double_batch(runs):
-    assert_same_weights(load_checkpoint_file(runs["one"] / "step1.pth"), load_checkpoint_file(runs["two"] / "step1.pth"),
-                        "after one step")
+    first = load_checkpoint_file(runs["one"] / "step1.pth")
+    steps = step_sizes(first, load_checkpoint_file(runs["one"] / "step2.pth"))
+    assert_same_weights(first, load_checkpoint_file(runs["two"] / "step1.pth"), "after one step", steps, FIRST_STEP_RTOL)
     # Logged losses are means over the ranks, i.e. the losses of the global batch.
     for single, distributed in zip(_losses(runs["one"])[:STOP_AT], _losses(runs["two"]), strict=True):
         assert single.keys() == distributed.keys() and single["iteration"] == distributed["iteration"]
@@ -116,8 +131,15 @@ def test_checkpoint_of_two_processes_resumes_on_one_and_finishes(runs):
     assert not any(key.startswith("module.") for key in stored["model"])  # the unwrapped network
     final = load_checkpoint_file(runs["resumed"] / "last.pth")
     assert final["iteration"] == MAX_ITERS and final["world_size"] == 1
-    assert_same_weights(load_checkpoint_file(runs["one"] / "last.pth"), final, "resumed run at the end")
-    assert [entry["iteration"] for entry in _losses(runs["resumed"])] == list(range(1, MAX_ITERS + 1))
+    expected = load_checkpoint_file(runs["one"] / "last.pth")
+    steps = step_sizes(load_checkpoint_file(runs["one"] / "step1.pth"), expected)
+    assert_same_weights(expected, final, "resumed run at the end", steps, AFTER_RESUME_RTOL)
+    resumed_losses = _losses(runs["resumed"])
+    assert [entry["iteration"] for entry in resumed_losses] == list(range(1, MAX_ITERS + 1))
+    # The losses of the resumed iteration (same weights up to rounding, same batch): continuous in the
+    # weights, so they agree far closer than the weights after a max-pool flip.
+    for key, value in _losses(runs["one"])[-1].items():
+        assert resumed_losses[-1][key] == pytest.approx(value, rel=1e-4), key
 
 
 def test_only_rank_zero_prints_and_writes(runs):
