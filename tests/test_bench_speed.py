@@ -94,3 +94,25 @@ def test_a_failing_entry_is_recorded_and_the_run_goes_on(speed, tmp_path):
     assert entries["fine"]["images_per_s"] == 1.0
     assert entries["late"]["skipped"].startswith("time budget")
     assert json.loads((tmp_path / "speed_toy.json").read_text())["sections"]["inference"]["entries"][0]["key"] == "broken"
+
+
+def _event(key, device_type, self_device_us, self_cpu_us=0.0, count=1):
+    """A profiler average as torch.profiler's key_averages() lists it (the fields trace_tables reads)."""
+    return type("Event", (), {"key": key, "count": count, "device_type": getattr(torch.autograd.DeviceType, device_type),
+                              "self_device_time_total": self_device_us, "self_cpu_time_total": self_cpu_us})()
+
+
+def test_trace_counts_each_device_microsecond_once(speed):
+    # A launching operator carries its kernel's time as self device time: the busy time is the
+    # kernels' sum (1202 + 300 + 98 us), not that plus the operators' (which would be 3002 us).
+    averages = [_event("aten::_log_softmax", "CPU", 1202.0, 40.0), _event("softmax_warp_forward", "CUDA", 1202.0),
+                _event("aten::convolution", "CPU", 300.0, 15.0, count=2), _event("cudnn_conv", "CUDA", 300.0, count=2),
+                _event("Memcpy HtoD", "CUDA", 98.0), _event("aten::view", "CPU", 0.0, 3.0)]
+    busy, tables = speed.trace_tables(averages, cuda=True, steps=1)
+    assert busy == 1600.0
+    assert dict(tables)["kernel"] == [("softmax_warp_forward", 1, 1202.0), ("cudnn_conv", 2, 300.0),
+                                      ("Memcpy HtoD", 1, 98.0)]
+    assert dict(tables)["operator"] == [("aten::_log_softmax", 1, 1202.0), ("aten::convolution", 2, 300.0)]
+    # On the CPU self times exclude children already: all operators, summed once.
+    busy_cpu, tables_cpu = speed.trace_tables(averages, cuda=False, steps=1)
+    assert busy_cpu == 40.0 + 15.0 + 3.0 and [name for name, _ in tables_cpu] == ["operator"]
