@@ -10,7 +10,7 @@ Examples:
   torchrun --standalone --nproc_per_node=4 trainSupervised.py --output-dir runs/supervised --batch-size 2 --sync-bn
 
 Under torchrun an iteration is a global step of --batch-size x processes samples per domain;
-see the README section "Multi-GPU and multi-node (torchrun)".
+see docs/multi-gpu.md.
 """
 from dataset.normalization import get_normalization
 from utils.builders import (make_eval_loader, maybe_compile, resolve_data, segmentation_parts, source_train_dataset,

@@ -12,7 +12,7 @@ Examples:
   torchrun --standalone --nproc_per_node=4 trainUnsupervised.py --output-dir runs/dsc --batch-size 2 --sync-bn
 
 Under torchrun an iteration is a global step of --batch-size x processes samples per domain;
-see the README section "Multi-GPU and multi-node (torchrun)".
+see docs/multi-gpu.md.
 """
 from utils.adaptation import add_adversarial_args, add_pseudo_label_args, build_discriminator_parts, resolve_pseudo_label_dir
 from utils.builders import (make_eval_loader, maybe_compile, resolve_data, segmentation_parts, source_train_dataset,

@@ -1,6 +1,6 @@
 """Multi-process training and evaluation on the CPU: gloo backend, 2 processes launched by torchrun.
 
-The acceptance checks of the torchrun support (see the README section "Multi-GPU and multi-node (torchrun)"):
+The acceptance checks of the torchrun support (see docs/multi-gpu.md):
 
 * one training step with 2 processes of batch 1 gives the weights of 1 process with batch 2 on
   the same samples (BatchNorm frozen with --freeze-bn: PyTorch's SyncBatchNorm is

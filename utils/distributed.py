@@ -3,7 +3,7 @@
 Plain ``python script.py`` runs are a world of size 1 and every helper here is then a no-op,
 so the scripts have one code path for one device and for many. Under torchrun only rank 0 prints
 (torchvision's ``setup_for_distributed``); warnings, errors and tracebacks (stderr) stay visible
-on every rank. See the README section "Multi-GPU and multi-node (torchrun)" for the launch commands and what "global step" means.
+on every rank. See docs/multi-gpu.md for the launch commands and what "global step" means.
 """
 import builtins
 import logging
