@@ -6,7 +6,7 @@ histogram, or fixed from a thresholds.json), train a student (fresh or --init-fr
 with the adversarial step of trainUnsupervised.py. The teacher learns from its source labels,
 its own discriminator, a consistency term on an augmented target view and the student's
 feedback (--feedback pham: the change of the student's labeled loss; course: the report's
-variant). Formulas and the sign of the feedback: utils/mpl.py. Student and teacher are validated
+variant). Formulas and the sign of the feedback: uda/meta_pseudo_labels.py. Student and teacher are validated
 on Cityscapes val (the student ranks best.pth); both networks, both discriminators, their
 optimizers and scalers and the threshold/baseline state are checkpointed together, so --resume
 continues exactly. ``eval.py --checkpoint RUN/last.pth --network teacher`` scores the teacher.
@@ -19,19 +19,19 @@ Examples:
   python MPL.py --teacher-checkpoint runs/dsc/best.pth --thresholds runs/pseudo/thresholds.json --output-dir runs/mpl_fixed
 """
 from model import model_config as bisenet_config
-from utils.adaptation import add_adversarial_args, build_discriminator_parts
-from utils.builders import (initial_bisenet, load_initial_bisenet, make_eval_loader, maybe_compile, prepare_network,
+from uda.adversarial import add_adversarial_args, build_discriminator_parts
+from cli.builders import (initial_bisenet, load_initial_bisenet, make_eval_loader, maybe_compile, prepare_network,
                             resolve_data, source_train_dataset, target_eval_dataset, target_train_dataset,
                             train_stream)
 from utils.distributed import cleanup_distributed, wrap_ddp
-from utils.mpl import (Learner, MPLStep, PseudoLabeler, add_mpl_args, build_feedback,
+from uda.meta_pseudo_labels import (Learner, MPLStep, PseudoLabeler, add_mpl_args, build_feedback,
                        read_thresholds, resolve_mpl_args, resolve_mpl_schedule)
-from utils.optim import build_optimizer
-from utils.options import add_data_args, add_model_args, add_runtime_args, add_training_args, make_parser
-from utils.run import finish_run, make_image_logger, make_validator, resolve_schedule, start_run
-from utils.trainer import Trainer
+from engine.optim import build_optimizer
+from cli.options import add_data_args, add_model_args, add_runtime_args, add_training_args, make_parser
+from cli.run import finish_run, make_image_logger, make_validator, resolve_schedule, start_run
+from engine.trainer import Trainer
 from dataset.normalization import get_normalization
-from utils.cli import run_main
+from cli.entry import run_main
 
 
 def get_args(argv=None):

@@ -36,13 +36,13 @@ import argparse
 
 from dataset.common import DatasetError
 from model import load_bisenet
-from utils.builders import resolve_data, resolve_input_convention, target_eval_dataset
+from cli.builders import resolve_data, resolve_input_convention, target_eval_dataset
 from utils.distributed import cleanup_distributed, init_distributed, is_main_process
-from utils.options import add_data_args, make_parser, non_negative_int, positive_float, positive_int
-from utils.precision import AMP_CHOICES, Precision
-from utils.pseudolabel_stats import MAX_THRESHOLD
-from utils.pseudolabels import DEFAULT_WRITER_THREADS, format_report, generate_pseudo_labels
-from utils.cli import run_main
+from cli.options import add_data_args, make_parser, non_negative_int, positive_float, positive_int
+from engine.precision import AMP_CHOICES, Precision
+from uda.pseudolabel_stats import MAX_THRESHOLD
+from uda.pseudolabels import DEFAULT_WRITER_THREADS, format_report, generate_pseudo_labels
+from cli.entry import run_main
 
 NETWORKS = ("model", "teacher")
 # Options of the shared data group that only training uses (hidden here; --skip-bad is refused).

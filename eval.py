@@ -26,16 +26,16 @@ from dataset.labels import colorize, train_ids_to_ids
 from dataset.paths import cityscapes_result_name
 from model import load_bisenet
 from utils.benchmark import inference_throughput
-from utils.builders import (make_eval_loader, maybe_compile, prepare_network, resolve_data, resolve_fast_paths,
+from cli.builders import (make_eval_loader, maybe_compile, prepare_network, resolve_data, resolve_fast_paths,
                             resolve_input_convention, target_eval_dataset)
 from utils.checkpoint import atomic_write
 from utils.distributed import cleanup_distributed, init_distributed, is_main_process
-from utils.evaluate import evaluate
+from engine.evaluate import evaluate
 from utils.logger import setup_console_logging, write_json, write_text
-from utils.metrics import markdown_table, scores_to_json, text_report
-from utils.options import add_data_args, make_parser, non_negative_int, positive_int, size_type
-from utils.precision import AMP_CHOICES, Precision
-from utils.cli import run_main
+from engine.metrics import markdown_table, scores_to_json, text_report
+from cli.options import add_data_args, make_parser, non_negative_int, positive_int, size_type
+from engine.precision import AMP_CHOICES, Precision
+from cli.entry import run_main
 
 RESULTS_SUBDIR = "cityscapes_results"  # label-id PNGs for cityscapesscripts (CITYSCAPES_RESULTS)
 COLOR_SUBDIR = "color"

@@ -28,18 +28,18 @@ from dataset.gta5 import GTA5Dataset
 from dataset.normalization import get_normalization
 from dataset.transforms import eval_transform
 from model import load_bisenet
-from utils.builders import gta5_split, make_eval_loader, resolve_data, target_eval_dataset
+from cli.builders import gta5_split, make_eval_loader, resolve_data, target_eval_dataset
 from utils.distributed import resolve_device
-from utils.evaluate import eval_mode, evaluate, predict_logits
-from utils.experiments import (BASELINE, METHODS, STAGE_BY_KEY, STAGE_KEYS, STAGES, Settings, run_stage, start_iteration,
+from engine.evaluate import eval_mode, evaluate, predict_logits
+from reporting.pipeline import (BASELINE, METHODS, STAGE_BY_KEY, STAGE_KEYS, STAGES, Settings, run_stage, start_iteration,
                                total_iterations)
 from utils.logger import git_commit, write_json, write_text
-from utils.metrics import scores_from_json, scores_to_json
-from utils.optim import OPTIMIZERS
-from utils.options import make_parser, non_negative_int, positive_float, positive_int, size_type
-from utils.precision import Precision
-from utils.report import mean_std, plot_miou_curves, plot_qualitative, table1_markdown, table2_markdown
-from utils.cli import run_main
+from engine.metrics import scores_from_json, scores_to_json
+from engine.optim import OPTIMIZERS
+from cli.options import make_parser, non_negative_int, positive_float, positive_int, size_type
+from engine.precision import Precision
+from reporting.report import mean_std, plot_miou_curves, plot_qualitative, table1_markdown, table2_markdown
+from cli.entry import run_main
 
 QUALITATIVE_IMAGES = 4
 COMPLEXITY_SIZE = (512, 1024)  # the report's Table II resolution (height, width)
@@ -59,7 +59,7 @@ def get_args(argv=None):
     parser.add_argument("--batch-size", type=positive_int, default=defaults.batch_size, help="batch size per domain")
     parser.add_argument("--supervised-iterations", type=positive_int, default=defaults.supervised_iterations,
                         help="iterations of the supervised upper bound, trained from scratch on target labels (it "
-                             "converges more slowly than source only: see utils.experiments.Settings)")
+                             "converges more slowly than source only: see reporting.pipeline.Settings)")
     parser.add_argument("--iterations", type=positive_int, default=defaults.iterations,
                         help="iterations of source only, trained from scratch on source labels")
     parser.add_argument("--adapt-iterations", type=positive_int, default=defaults.adapt_iterations,

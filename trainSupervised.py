@@ -13,15 +13,15 @@ Under torchrun an iteration is a global step of --batch-size x processes samples
 see docs/multi-gpu.md.
 """
 from dataset.normalization import get_normalization
-from utils.builders import (make_eval_loader, maybe_compile, resolve_data, segmentation_parts, source_train_dataset,
+from cli.builders import (make_eval_loader, maybe_compile, resolve_data, segmentation_parts, source_train_dataset,
                             target_eval_dataset, target_train_dataset, train_stream)
 from utils.distributed import cleanup_distributed, wrap_ddp
-from utils.engine import supervised_step
+from engine.steps import supervised_step
 from model import model_config as bisenet_config
-from utils.options import add_data_args, add_model_args, add_runtime_args, add_training_args, make_parser
-from utils.run import finish_run, make_image_logger, make_validator, resolve_schedule, start_run
-from utils.trainer import Trainer
-from utils.cli import run_main
+from cli.options import add_data_args, add_model_args, add_runtime_args, add_training_args, make_parser
+from cli.run import finish_run, make_image_logger, make_validator, resolve_schedule, start_run
+from engine.trainer import Trainer
+from cli.entry import run_main
 
 TRAIN_DOMAINS = ("cityscapes", "gta5")
 

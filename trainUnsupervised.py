@@ -14,17 +14,17 @@ Examples:
 Under torchrun an iteration is a global step of --batch-size x processes samples per domain;
 see docs/multi-gpu.md.
 """
-from utils.adaptation import add_adversarial_args, add_pseudo_label_args, build_discriminator_parts, resolve_pseudo_label_dir
-from utils.builders import (make_eval_loader, maybe_compile, resolve_data, segmentation_parts, source_train_dataset,
+from uda.adversarial import add_adversarial_args, add_pseudo_label_args, build_discriminator_parts, resolve_pseudo_label_dir
+from cli.builders import (make_eval_loader, maybe_compile, resolve_data, segmentation_parts, source_train_dataset,
                             target_eval_dataset, target_train_dataset, train_stream)
 from utils.distributed import cleanup_distributed, wrap_ddp
-from utils.engine import adversarial_step
+from engine.steps import adversarial_step
 from model import model_config as bisenet_config
-from utils.options import add_data_args, add_model_args, add_runtime_args, add_training_args, make_parser
-from utils.run import finish_run, make_image_logger, make_validator, resolve_schedule, start_run
-from utils.trainer import Trainer
+from cli.options import add_data_args, add_model_args, add_runtime_args, add_training_args, make_parser
+from cli.run import finish_run, make_image_logger, make_validator, resolve_schedule, start_run
+from engine.trainer import Trainer
 from dataset.normalization import get_normalization
-from utils.cli import run_main
+from cli.entry import run_main
 
 
 def get_args(argv=None):

@@ -1,7 +1,7 @@
 """Time of one MPL iteration relative to one adversarial iteration (same sizes, same device).
 
-The baseline is ``utils.engine.adversarial_step`` (BiSeNet + discriminator, one source and one
-target batch); MPL is ``utils.mpl.MPLStep`` with the same sizes, a teacher of the same
+The baseline is ``engine.steps.adversarial_step`` (BiSeNet + discriminator, one source and one
+target batch); MPL is ``uda.meta_pseudo_labels.MPLStep`` with the same sizes, a teacher of the same
 architecture and both feedbacks (pham: one extra student forward; course: none). Inputs are
 random tensors already on the device, so data loading is out of the measurement. Each variant
 is timed with ``utils.benchmark.time_callable`` (CUDA events on a GPU, ``perf_counter`` on the
@@ -35,14 +35,14 @@ from model import build_bisenet, build_discriminator  # noqa: E402
 from model.bisenet import CONTEXT_PATHS  # noqa: E402
 from model.discriminator import DISCRIMINATORS  # noqa: E402
 from utils.benchmark import device_name, time_callable  # noqa: E402
-from utils.builders import prepare_network, resolve_fast_paths  # noqa: E402
+from cli.builders import prepare_network, resolve_fast_paths  # noqa: E402
 from utils.distributed import resolve_device  # noqa: E402
-from utils.engine import adversarial_step  # noqa: E402
+from engine.steps import adversarial_step  # noqa: E402
 from utils.logger import write_json, write_text  # noqa: E402
-from utils.mpl import DEFAULT_UDA_WEIGHT, CourseFeedback, Learner, MPLStep, PhamFeedback, PseudoLabeler  # noqa: E402
-from utils.optim import build_optimizer  # noqa: E402
-from utils.options import format_size, positive_int, size_type  # noqa: E402
-from utils.precision import AMP_CHOICES, Precision  # noqa: E402
+from uda.meta_pseudo_labels import DEFAULT_UDA_WEIGHT, CourseFeedback, Learner, MPLStep, PhamFeedback, PseudoLabeler  # noqa: E402
+from engine.optim import build_optimizer  # noqa: E402
+from cli.options import format_size, positive_int, size_type  # noqa: E402
+from engine.precision import AMP_CHOICES, Precision  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 GOAL = 2.2

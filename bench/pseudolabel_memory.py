@@ -1,7 +1,7 @@
 """Peak memory of the pseudo-label passes over N = 50 and N = 500 target images (a benchmark, not a test).
 
 The reference implementation keeps every confidence of the target set in RAM to sort it, so its
-memory grows linearly with N. ``utils.pseudolabels`` keeps a fixed histogram instead; this script
+memory grows linearly with N. ``uda.pseudolabels`` keeps a fixed histogram instead; this script
 checks that claim: for each N it runs ``generate_pseudo_labels`` (both passes, labels written,
 quality measured against the ground truth) in a SEPARATE fresh Python process and reads that
 process's peak resident set size (``resource.getrusage(RUSAGE_SELF).ru_maxrss``). Growth from the
@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a file: make the repository importable
     sys.path.insert(0, str(ROOT))
 
-from utils.options import format_size, positive_int, size_type  # noqa: E402
+from cli.options import format_size, positive_int, size_type  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results" / "pseudolabel_memory_cpu"
 TARGET = "Cityscapes"
@@ -73,7 +73,7 @@ def child(args):
     from dataset.cityscapes import CityscapesDataset
     from dataset.transforms import eval_transform
     from model import build_bisenet, load_bisenet
-    from utils.pseudolabels import generate_pseudo_labels
+    from uda.pseudolabels import generate_pseudo_labels
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

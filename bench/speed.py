@@ -8,14 +8,14 @@ Sections (``--only``/``--skip`` choose; all by default):
   one (cudnn.benchmark, bf16/fp16 autocast, channels_last, torch.compile default / reduce-overhead
   (CUDA graphs) / max-autotune-no-cudagraphs); each entry also reports the share of pixels whose
   argmax agrees with a strict fp32 eager reference (TF32 off) on a batch of structured scenes.
-* ``training``: milliseconds per ``utils.engine.adversarial_step`` (BiSeNet + discriminator, source
+* ``training``: milliseconds per ``engine.steps.adversarial_step`` (BiSeNet + discriminator, source
   and target batch), naive (fp16 autocast with two GradScalers, NCHW, for-loop optimizers) against
   the levers, with the peak GPU memory; a short loss-curve comparison (fp32 vs naive AMP vs ours on a
   fixed batch); the same step fed by the project's real loaders (``BatchStream`` over PNG files).
 * ``pseudolabels``: images/s of the dataset-wide threshold pass (forward + softmax + max +
   ``ConfidenceHistogram.update`` on the device) against the course's routine (fp32, one image at a
   time, per-class ``np.median`` in a Python loop), and of the statistic alone.
-* ``mpl``: one MPL iteration (``utils.mpl.MPLStep``) over one adversarial iteration, same sizes.
+* ``mpl``: one MPL iteration (``uda.meta_pseudo_labels.MPLStep``) over one adversarial iteration, same sizes.
 * ``loader``: images/s of the project's datasets + transforms (decode, id -> trainId remap, resize,
   flip, normalise) on generated PNGs of the real sizes, in one process and with DataLoader workers.
 * ``lut``: the 256-entry lookup-table remap against a per-class loop on the same label maps.
@@ -69,18 +69,18 @@ from dataset.normalization import get_normalization  # noqa: E402
 from model import build_bisenet, build_discriminator  # noqa: E402
 from utils.benchmark import device_name, inference_throughput, time_callable  # noqa: E402
 from utils.distributed import resolve_device  # noqa: E402
-from utils.engine import adversarial_step, supervised_step  # noqa: E402
+from engine.steps import adversarial_step, supervised_step  # noqa: E402
 from utils.logger import git_commit, plain_args, write_json, write_text  # noqa: E402
-from utils.optim import ADAM_BETAS, SGD_MOMENTUM, SGD_WEIGHT_DECAY, build_optimizer  # noqa: E402
-from utils.options import format_size  # noqa: E402
-from utils.precision import Precision  # noqa: E402
-from utils.pseudolabel_stats import MAX_THRESHOLD, ConfidenceHistogram, per_image_thresholds  # noqa: E402
+from engine.optim import ADAM_BETAS, SGD_MOMENTUM, SGD_WEIGHT_DECAY, build_optimizer  # noqa: E402
+from cli.options import format_size  # noqa: E402
+from engine.precision import Precision  # noqa: E402
+from uda.pseudolabel_stats import MAX_THRESHOLD, ConfidenceHistogram, per_image_thresholds  # noqa: E402
 
 SCHEMA = "bench.speed/1"
 SECTIONS = ("flops", "inference", "training", "pseudolabels", "mpl", "loader", "lut", "trace")
 GIB = 2 ** 30
 
-# Learning rates of the scripts' defaults (trainUnsupervised / utils.adaptation).
+# Learning rates of the scripts' defaults (trainUnsupervised / uda.adversarial).
 LR_MODEL, LR_DISCRIMINATOR, LAMBDA_ADV = 2.5e-2, 1e-4, 1e-3
 PREP_LR = 1e-2  # brief supervised training that makes the agreement check meaningful
 
@@ -252,10 +252,10 @@ class TrainConfig:
     amp: str = "off"
     channels_last: bool = False
     cudnn_benchmark: bool = False
-    optimizer: str = "for-loop"    # for-loop | foreach | fused (utils.optim.build_optimizer)
+    optimizer: str = "for-loop"    # for-loop | foreach | fused (engine.optim.build_optimizer)
     compile: str = None            # None | "scripts" (torch.compile(model), as maybe_compile) | "static" (dynamic=False)
     discriminator_channels_last: bool = False
-    finite_checks: bool = True     # False: utils.engine.check_finite (3 host syncs per step) patched out
+    finite_checks: bool = True     # False: engine.steps.check_finite (3 host syncs per step) patched out
 
 
 TRAIN_NAIVE_CUDA = TrainConfig("naive", "naive: fp16 autocast + 2 GradScalers, NCHW, for-loop optimizers", "fp16")
@@ -387,7 +387,7 @@ def size_text(size_hw):
 def make_optimizer(kind, parameters, lr, implementation):
     """SGD (segmentation network) or Adam (discriminator) with the scripts' hyper-parameters.
 
-    ``fused`` is ``utils.optim.build_optimizer`` itself; ``for-loop`` and ``foreach`` change only
+    ``fused`` is ``engine.optim.build_optimizer`` itself; ``for-loop`` and ``foreach`` change only
     the implementation of the same update.
     """
     if implementation == "fused":
@@ -897,9 +897,9 @@ def measure_training(bench, context_path, discriminator_name, config):
 
 @contextlib.contextmanager
 def finite_checks(enabled):
-    """With ``enabled=False``, ``utils.engine.check_finite`` does nothing while the block runs: what
+    """With ``enabled=False``, ``engine.steps.check_finite`` does nothing while the block runs: what
     the step would cost without its host synchronisations (the measurement only; never in training)."""
-    import utils.engine as engine
+    import engine.steps as engine
 
     original = engine.check_finite
     if not enabled:
@@ -918,7 +918,7 @@ def _train_settings(bench, context_path, discriminator, config):
             "discriminator_channels_last": config.discriminator_channels_last,
             "cudnn_benchmark": config.cudnn_benchmark, "optimizers": config.optimizer,
             "compile": config.compile or "off", "finite_checks": config.finite_checks,
-            "step": "utils.engine.adversarial_step",
+            "step": "engine.steps.adversarial_step",
             "input": "fixed synthetic scenes already on the device"}
 
 
@@ -980,7 +980,7 @@ def measure_e2e(bench, recorder):
     from dataset.cityscapes import CityscapesDataset
     from dataset.gta5 import GTA5Dataset
     from dataset.transforms import train_transform
-    from utils.data import BatchStream, to_device
+    from engine.data import BatchStream, to_device
 
     device, p = bench.device, bench.profile
     files = bench.loader_files()
@@ -1035,14 +1035,14 @@ def training_jobs(bench, recorder):
                     _bind(loss_curves, bench), settings={"variants": "fp32 strict / naive AMP / ours"}, cost_s=10))
     jobs.append(Job("training", "e2e", "R18+DSC ours, fed by the real loaders (PNG files, workers)",
                     _bind(measure_e2e, bench, recorder),
-                    settings={"loader": "utils.data.BatchStream x2", "transforms": "resize + flip + normalise"},
+                    settings={"loader": "engine.data.BatchStream x2", "transforms": "resize + flip + normalise"},
                     cost_s=20))
     if args.no_compile or args.compile_train == "off":
         recorder.note("training", "torch.compile entries not run (--no-compile / --compile-train off)")
         return jobs
     pairs = p.train_compile if args.compile_train == "auto" else tuple(
         (cp, d, "scripts", 5 + i) for i, (cp, d, _) in enumerate(p.train_pairs))
-    labels = {"scripts": "ours + torch.compile(model) as utils.builders.maybe_compile",
+    labels = {"scripts": "ours + torch.compile(model) as cli.builders.maybe_compile",
               "static": "ours + torch.compile(model, dynamic=False)"}
     for context_path, discriminator, kind, priority in pairs:
         config = TrainConfig(f"ours_compile_{kind}", labels[kind], scripts.amp, scripts.channels_last,
@@ -1122,7 +1122,7 @@ def pseudolabel_jobs(bench, recorder):
         return {"images_per_s": batch / median, "median_ms": 1e3 * median}
 
     def pass_one(benchmark, deterministic, scale=1, compile_mode=None):
-        from utils.pseudolabels import predict_probabilities
+        from uda.pseudolabels import predict_probabilities
 
         chosen = best_eager_amp(recorder, R18, p.pl_size, batch) if amp == "best" else amp
         precision = Precision(device, chosen)
@@ -1158,7 +1158,7 @@ def pseudolabel_jobs(bench, recorder):
             _bind(statistic_ours, True), settings=settings),
         Job("pseudolabels", "stat_histogram", "statistic only: ConfidenceHistogram.update on the device",
             _bind(statistic_ours, False), settings=settings),
-        Job("pseudolabels", "pass1", "pass 1 as utils.pseudolabels runs it (deterministic cuDNN)",
+        Job("pseudolabels", "pass1", "pass 1 as uda.pseudolabels runs it (deterministic cuDNN)",
             _bind(pass_one, False, True), settings={**settings, "amp": amp, "cudnn": "deterministic"}),
         Job("pseudolabels", "pass1_benchmark", "pass 1 with cudnn.benchmark",
             _bind(pass_one, True, False), settings={**settings, "amp": amp, "cudnn": "benchmark"}),
@@ -1178,8 +1178,8 @@ def pseudolabel_jobs(bench, recorder):
 # ---------------------------------------------------------------------------------------------
 def mpl_step_callable(bench, kind):
     """One call = one iteration of ``kind`` (adversarial | pham | course) with the scripts' default
-    settings at the training sizes (ImportError when ``utils.mpl`` cannot be imported)."""
-    from utils.mpl import CourseFeedback, Learner, MPLStep, PhamFeedback, PseudoLabeler
+    settings at the training sizes (ImportError when ``uda.meta_pseudo_labels`` cannot be imported)."""
+    from uda.meta_pseudo_labels import CourseFeedback, Learner, MPLStep, PhamFeedback, PseudoLabeler
 
     config = scripts_train_config(bench)
     source, labels, target = bench.train_batch()
@@ -1217,7 +1217,7 @@ def mpl_jobs(bench, recorder):
         try:
             call = mpl_step_callable(bench, kind)
         except ImportError as error:
-            return {"skipped": f"utils.mpl not importable ({error})"}
+            return {"skipped": f"uda.meta_pseudo_labels not importable ({error})"}
         with cudnn_flags(benchmark=config.cudnn_benchmark):
             _, samples = time_callable(call, bench.device, warmup=p.train_warmup, runs=p.mpl_runs)
         result = quantiles(samples)
@@ -1318,7 +1318,7 @@ def loader_jobs(bench, recorder):
     from dataset.cityscapes import CityscapesDataset
     from dataset.gta5 import GTA5Dataset
     from dataset.transforms import train_transform
-    from utils.data import BatchStream
+    from engine.data import BatchStream
 
     p = bench.profile
     workers = min(16, os.cpu_count() or 1)

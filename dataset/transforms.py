@@ -6,7 +6,7 @@ with the same parameters: the image is resampled BILINEAR, the label NEAREST (a 
 map, so no new values may appear), and padding fills the image with 0 and the label with 255.
 
 Randomness comes from torch only: an explicit ``torch.Generator`` when one is given, otherwise
-torch's global RNG, which ``DataLoader`` workers (and ``utils.data.SeededSamples``) seed. Python's
+torch's global RNG, which ``DataLoader`` workers (and ``engine.data.SeededSamples``) seed. Python's
 ``random`` is never used. A generator passed here is copied into every DataLoader worker with the
 same state, so every worker would draw the same parameters: leave it ``None`` for training.
 """

@@ -19,7 +19,7 @@ if str(ROOT) not in sys.path:  # launched as a file by torchrun: make the reposi
     sys.path.insert(0, str(ROOT))
 
 from utils.distributed import barrier, cleanup_distributed, is_main_process  # noqa: E402
-from utils.trainer import LAST_CHECKPOINT  # noqa: E402
+from engine.trainer import LAST_CHECKPOINT  # noqa: E402
 
 TRAINING_SCRIPTS = ("trainSupervised", "trainUnsupervised")
 SCRIPTS = (*TRAINING_SCRIPTS, "eval", "createpseudolabels")

@@ -1,6 +1,6 @@
 import torch
 
-from utils.data import BatchStream, EpochSampler, ShardedEvalSampler
+from engine.data import BatchStream, EpochSampler, ShardedEvalSampler
 
 
 class _Numbers(torch.utils.data.Dataset):

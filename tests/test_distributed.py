@@ -30,7 +30,7 @@ from model import build_bisenet
 from model.loading import bisenet_checkpoint_entry
 from utils.checkpoint import CHECKPOINT_FORMAT, load_checkpoint_file
 from utils.distributed import configure_batchnorm
-from utils.evaluate import eval_mode
+from engine.evaluate import eval_mode
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "distributed_worker.py"

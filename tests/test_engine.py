@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from model import build_bisenet, build_discriminator
-from utils.engine import NonFiniteLossError, adversarial_step, segmentation_loss, summed_cross_entropy, supervised_step
-from utils.optim import build_optimizer, poly_lr
-from utils.precision import Precision
+from engine.steps import NonFiniteLossError, adversarial_step, segmentation_loss, summed_cross_entropy, supervised_step
+from engine.optim import build_optimizer, poly_lr
+from engine.precision import Precision
 
 SIZE = (64, 64)
 

@@ -5,9 +5,9 @@ import types
 
 import experiments
 from dataset.labels import SHORT_NAMES
-from utils.experiments import (METHODS, STAGE_ARGS, STAGE_BY_KEY, Settings, Stage, run_stage, start_iteration,
+from reporting.pipeline import (METHODS, STAGE_ARGS, STAGE_BY_KEY, Settings, Stage, run_stage, start_iteration,
                                total_iterations)
-from utils.report import table1_markdown
+from reporting.report import table1_markdown
 
 
 def test_pipeline_produces_every_table_row_and_file(tiny_data_root, tmp_path):

@@ -24,10 +24,10 @@ from model.loading import bisenet_checkpoint_entry
 from tests.conftest import write_tiny_tree
 from utils import checkpoint as checkpoint_module
 from utils.checkpoint import CHECKPOINT_FORMAT, atomic_torch_save, load_checkpoint_file
-from utils.cli import EXIT_USER_ERROR, run_main
-from utils.data import BatchStream
-from utils.engine import NonFiniteLossError
-from utils.trainer import MAX_CONSECUTIVE_SKIPPED, Trainer, TrainingError
+from cli.entry import EXIT_USER_ERROR, run_main
+from engine.data import BatchStream
+from engine.steps import NonFiniteLossError
+from engine.trainer import MAX_CONSECUTIVE_SKIPPED, Trainer, TrainingError
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT = 240  # seconds any one subprocess may take on a loaded two-core machine
@@ -291,7 +291,7 @@ def test_sigterm_to_the_whole_process_group_spares_the_loader_workers(tiny_data_
 
 def test_every_loader_worker_ignores_stop_signals(tiny_data_root):
     from dataset.cityscapes import CityscapesDataset
-    from utils.data import eval_loader
+    from engine.data import eval_loader
     from utils.seed import ignore_stop_signals
 
     loader = eval_loader(CityscapesDataset(tiny_data_root / "Cityscapes", split="val"), num_workers=1)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dataset.labels import IGNORE_INDEX, NUM_CLASSES
-from utils.metrics import (ConfusionMatrix, markdown_table, scores_from_confusion, scores_from_json,
+from engine.metrics import (ConfusionMatrix, markdown_table, scores_from_confusion, scores_from_json,
                            scores_to_json)
 
 

@@ -10,12 +10,12 @@ import MPL
 from dataset.labels import NUM_CLASSES
 from model import build_bisenet, build_discriminator, load_bisenet, model_config
 from utils.checkpoint import CHECKPOINT_FORMAT, load_checkpoint_file
-from utils.engine import SOURCE_DOMAIN, domain_loss, main_output, segmentation_loss, set_requires_grad
-from utils.mpl import (DEFAULT_REFRESH, CourseFeedback, Learner, MPLStep, PhamFeedback, PseudoLabeler, augment_view,
+from engine.steps import SOURCE_DOMAIN, domain_loss, main_output, segmentation_loss, set_requires_grad
+from uda.meta_pseudo_labels import (DEFAULT_REFRESH, CourseFeedback, Learner, MPLStep, PhamFeedback, PseudoLabeler, augment_view,
                        flip_where, pseudo_label_loss, read_thresholds, resolve_mpl_args, running_stats_frozen)
-from utils.optim import build_optimizer
-from utils.precision import Precision
-from utils.pseudolabel_stats import ConfidenceHistogram, apply_thresholds, softmax_confidence
+from engine.optim import build_optimizer
+from engine.precision import Precision
+from uda.pseudolabel_stats import ConfidenceHistogram, apply_thresholds, softmax_confidence
 
 SIZE = (32, 64)
 

@@ -1,7 +1,7 @@
 """Pseudo-label thresholds from the float16 histogram against a plain numpy reference.
 
 The references below loop over classes on purpose: they are the obviously-correct version of what
-utils/pseudolabel_stats.py does with bincount and searchsorted.
+uda/pseudolabel_stats.py does with bincount and searchsorted.
 """
 import io
 
@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dataset.labels import IGNORE_INDEX, NUM_CLASSES
-from utils.pseudolabel_stats import (
+from uda.pseudolabel_stats import (
     MAX_THRESHOLD,
     NUM_BINS,
     ConfidenceHistogram,

@@ -1,4 +1,4 @@
-"""createpseudolabels.py and utils/pseudolabels.py end to end, on tiny Cityscapes trees built here.
+"""createpseudolabels.py and uda/pseudolabels.py end to end, on tiny Cityscapes trees built here.
 
 A fake deterministic "model" returns a fixed logit map per image (it recognises the image by its
 uniform colour). The logits are designed so that each pixel's max softmax is a chosen float16
@@ -20,14 +20,14 @@ from PIL import Image
 from torch import nn
 
 import createpseudolabels
-import utils.pseudolabels as pl
+import uda.pseudolabels as pl
 from dataset.cityscapes import CityscapesDataset
 from dataset.labels import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES, train_ids_to_ids
 from dataset.paths import THRESHOLDS_FILE, pseudo_color_path, pseudo_label_path
 from dataset.transforms import eval_transform
 from model import bisenet_checkpoint_entry, build_bisenet
 from utils.checkpoint import CHECKPOINT_FORMAT
-from utils.pseudolabel_stats import MAX_THRESHOLD
+from uda.pseudolabel_stats import MAX_THRESHOLD
 
 H, W = 16, 32
 C = NUM_CLASSES

@@ -1,6 +1,6 @@
 """Bad input through the real scripts: one clear paragraph naming the file or flag, nothing damaged.
 
-Every case runs ``trainUnsupervised.py`` / ``eval.py`` in-process through ``utils.cli.run_main``
+Every case runs ``trainUnsupervised.py`` / ``eval.py`` in-process through ``cli.entry.run_main``
 (what the scripts' ``__main__`` runs), on a tiny copy of the fixture tree, and checks the exit
 code, that stderr is one ``error: ...`` paragraph naming the file or flag and what was expected,
 and that a run folder written before is byte-identical afterwards. Also: the code-execution
@@ -26,9 +26,9 @@ from dataset.cityscapes import CityscapesDataset
 from dataset.labels import ID_TO_TRAINID, colorize
 from dataset.paths import pseudo_label_path
 from model import load_bisenet
-from utils import builders
+from cli import builders
 from utils.checkpoint import CheckpointError, load_checkpoint_file
-from utils.cli import EXIT_USER_ERROR, run_main
+from cli.entry import EXIT_USER_ERROR, run_main
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--source-size", "64x36", "--target-size", "64x32", "--batch-size", "2", "--workers", "0", "--log-every", "1",

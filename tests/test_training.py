@@ -6,7 +6,7 @@ import torch
 
 import trainSupervised
 import trainUnsupervised
-from utils import builders
+from cli import builders
 from dataset.common import DatasetError
 from utils.checkpoint import load_checkpoint_file
 

@@ -139,7 +139,7 @@ def broadcast_object(obj, src=0):
 def wrap_ddp(module, device, find_unused_parameters=False):
     """DistributedDataParallel around ``module`` under torchrun; the module itself otherwise.
 
-    Checkpoints always store the unwrapped module (see ``utils.engine.unwrap``).
+    Checkpoints always store the unwrapped module (see ``engine.steps.unwrap``).
     ``find_unused_parameters`` is needed where a backward pass leaves some heads out (the
     target branch of adversarial training uses only BiSeNet's main output).
     """

@@ -16,8 +16,8 @@ from dataset.gta5 import GTA5Dataset
 from dataset.normalization import get_normalization
 from dataset.transforms import eval_transform, train_transform
 from model import build_bisenet, load_bisenet
-from utils.optim import build_optimizer
-from utils.data import BatchStream, eval_loader
+from engine.optim import build_optimizer
+from engine.data import BatchStream, eval_loader
 from utils.distributed import configure_batchnorm
 
 REPORT_SOURCE_SIZE = (720, 1280)   # (height, width), GTA5 as trained in the report

@@ -9,11 +9,11 @@ from PIL import Image
 
 from dataset.labels import colorize
 from utils.distributed import get_world_size, init_distributed, is_main_process
-from utils.evaluate import evaluate, eval_mode, predict_logits
+from engine.evaluate import evaluate, eval_mode, predict_logits
 from utils.logger import RunLogger, setup_console_logging, write_json, write_run_info, write_text
-from utils.metrics import markdown_table, text_report
-from utils.precision import Precision
-from utils.builders import resolve_fast_paths
+from engine.metrics import markdown_table, text_report
+from engine.precision import Precision
+from cli.builders import resolve_fast_paths
 from utils.seed import seed_everything
 
 DEFAULT_EPOCHS = 50

@@ -7,7 +7,7 @@ Labeled data = GTA5 (source), unlabeled data = Cityscapes train (target). One ``
    predictions, thresholded per class by ``PseudoLabeler`` (the median rule of
    ``createpseudolabels.py``, capped at ``MAX_THRESHOLD``), are the pseudo labels; pixels below
    their class threshold are ``IGNORE_INDEX``.
-2. **Student step**: exactly ``utils.engine.adversarial_step`` on the source labels + the target
+2. **Student step**: exactly ``engine.steps.adversarial_step`` on the source labels + the target
    pseudo labels (+ its own discriminator). Its source loss is the student's labeled loss
    *before* the update, for free.
 3. **Feedback coefficient** ``c`` (a detached scalar), see below.
@@ -81,11 +81,11 @@ from torch import nn
 
 from dataset.labels import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES, SHORT_NAMES
 from utils.distributed import get_rank, get_world_size, is_distributed
-from utils.engine import (SOURCE_DOMAIN, adversarial_step, check_finite, discriminator_step, domain_loss,
+from engine.steps import (SOURCE_DOMAIN, adversarial_step, check_finite, discriminator_step, domain_loss,
                           main_output, segmentation_loss, set_requires_grad, unwrap)
-from utils.optim import OPTIMIZERS
-from utils.options import non_negative_float, non_negative_int, positive_float, unit_interval
-from utils.pseudolabel_stats import MAX_THRESHOLD, ConfidenceHistogram, apply_thresholds, softmax_confidence
+from engine.optim import OPTIMIZERS
+from cli.options import non_negative_float, non_negative_int, positive_float, unit_interval
+from uda.pseudolabel_stats import MAX_THRESHOLD, ConfidenceHistogram, apply_thresholds, softmax_confidence
 
 FEEDBACKS = ("pham", "course")
 DEFAULT_REFRESH = 100          # iterations between threshold refreshes

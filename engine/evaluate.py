@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from dataset.labels import NUM_CLASSES
-from utils.data import to_device
+from engine.data import to_device
 from utils.distributed import is_main_process
-from utils.metrics import ConfusionMatrix
+from engine.metrics import ConfusionMatrix
 
 
 @contextlib.contextmanager
@@ -44,7 +44,7 @@ def predict_logits(model, images, output_size=None, precision=None):
 @torch.no_grad()
 def evaluate(model, loader, device, num_classes=NUM_CLASSES, precision=None, progress=True,
              description="eval", on_batch=None):
-    """Score ``model`` on a labeled loader; return the scores dict of ``utils.metrics``.
+    """Score ``model`` on a labeled loader; return the scores dict of ``engine.metrics``.
 
     ``on_batch(batch, prediction)`` is called with each batch and its predicted trainIds (at label
     resolution), e.g. to save prediction images.

@@ -11,7 +11,7 @@ import sys
 
 from dataset.common import DatasetError
 from utils.checkpoint import CheckpointError
-from utils.trainer import TrainingError
+from engine.trainer import TrainingError
 
 EXIT_USER_ERROR = 2  # as argparse exits on a bad flag
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
@@ -21,7 +21,7 @@ def user_errors():
     """The exception types whose message is the whole story for the user."""
     errors = [DatasetError, CheckpointError, TrainingError]
     try:  # pseudo-label folders that cannot be resumed or read
-        from utils.pseudolabels import PseudoLabelError
+        from uda.pseudolabels import PseudoLabelError
         errors.append(PseudoLabelError)
     except ImportError:
         pass

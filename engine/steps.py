@@ -1,7 +1,7 @@
 """Training steps shared by every script: supervised, adversarial (AdaptSegNet style), helpers.
 
 Each step takes already-collated batches on the device and returns a dict of detached loss
-tensors; the loop (``utils.trainer``) decides when to synchronise with the host to log them.
+tensors; the loop (``engine.trainer``) decides when to synchronise with the host to log them.
 """
 import torch
 import torch.nn.functional as F

@@ -5,8 +5,8 @@ import re
 from dataset.labels import NUM_CLASSES
 from dataset.normalization import CONVENTIONS
 from model.bisenet import CONTEXT_PATHS
-from utils.optim import OPTIMIZERS
-from utils.precision import AMP_CHOICES
+from engine.optim import OPTIMIZERS
+from engine.precision import AMP_CHOICES
 
 
 

@@ -31,12 +31,12 @@ from tqdm import tqdm
 from dataset.common import data_report
 from utils.checkpoint import (CHECKPOINT_FORMAT, CheckpointError, atomic_torch_save, load_checkpoint_file,
                               remove_stale_temporaries)
-from utils.data import to_device
+from engine.data import to_device
 from utils.distributed import all_reduce_max, all_reduce_mean, barrier, get_world_size, is_main_process
-from utils.engine import NonFiniteLossError
+from engine.steps import NonFiniteLossError
 from utils.logger import git_commit, plain_args, write_json, write_text
-from utils.metrics import scores_to_json
-from utils.optim import poly_lr, set_lr
+from engine.metrics import scores_to_json
+from engine.optim import poly_lr, set_lr
 from utils.seed import rng_state, set_rng_state
 
 LAST_CHECKPOINT = "last.pth"

@@ -4,7 +4,7 @@ from pathlib import Path
 
 from dataset.common import DatasetError
 from model import build_discriminator, resolve_discriminator_name
-from utils.optim import OPTIMIZERS, build_optimizer
+from engine.optim import OPTIMIZERS, build_optimizer
 
 DEFAULT_LAMBDA_ADV = 1e-3
 DEFAULT_LR_D = 1e-4

@@ -6,7 +6,7 @@ The method (BDL, as the report defines it): every pixel of every target image ge
 class never predicted); a pixel below its class threshold becomes ``IGNORE_INDEX``.
 
 * Pass 1 (``collect_statistics``) predicts every image and adds it to a per-class histogram of
-  float16 confidences (``utils.pseudolabel_stats``): exact ``np.median`` in a fixed 2.3 MB table,
+  float16 confidences (``uda.pseudolabel_stats``): exact ``np.median`` in a fixed 2.3 MB table,
   whatever the number of images. With ground truth (the synthetic benchmark's hidden target
   labels) it also fills the confusion matrix of the raw predictions.
 * Pass 2 (``write_pseudo_labels``) predicts again and writes, per image, a trainId PNG (mode "L",
@@ -19,7 +19,7 @@ median/cap/zero rule). It still runs pass 1, for the dataset-wide pixel counts (
 comparison, the dataset-wide thresholds) reported next to it.
 
 Images are inferred at the dataset's transform size and the logits upsampled bilinearly to the
-image's full size (read from the file header) before the softmax, as ``utils.evaluate`` does;
+image's full size (read from the file header) before the softmax, as ``engine.evaluate`` does;
 optional test-time augmentation averages the softmax over ``scales`` x (flip) views.
 
 The output folder, written atomically file by file (``utils.checkpoint.atomic_write``):
@@ -39,7 +39,7 @@ output folder, deterministic PNG encoding and cuDNN in deterministic mode, so an
 resumed run leaves a folder byte-identical to an uninterrupted one. A run without ``resume`` first
 deletes every file of a previous run in the folder, so stale labels can never be mixed in.
 
-Under torchrun each rank predicts its shard (``utils.data.ShardedEvalSampler``), the histograms and
+Under torchrun each rank predicts its shard (``engine.data.ShardedEvalSampler``), the histograms and
 confusion matrices are summed over ranks, every rank writes its own images and rank 0 writes the
 JSON files.
 """
@@ -62,12 +62,12 @@ from dataset.common import read_label_ids
 from dataset.labels import CLASS_NAMES, IGNORE_INDEX, LUT_SIZE, NUM_CLASSES, flat_palette
 from dataset.paths import PSEUDO_COLOR_DIR, PSEUDO_LABEL_SUFFIX, THRESHOLDS_FILE, pseudo_color_path, pseudo_label_path
 from utils.checkpoint import CheckpointError, atomic_torch_save, atomic_write, load_checkpoint_file
-from utils.data import ShardedEvalSampler
+from engine.data import ShardedEvalSampler
 from utils.distributed import barrier, broadcast_object, is_distributed, is_main_process
-from utils.evaluate import eval_mode, predict_logits
+from engine.evaluate import eval_mode, predict_logits
 from utils.logger import write_json
-from utils.metrics import ConfusionMatrix
-from utils.pseudolabel_stats import (HISTOGRAM_FORMAT, MAX_THRESHOLD, ConfidenceHistogram, apply_thresholds,
+from engine.metrics import ConfusionMatrix
+from uda.pseudolabel_stats import (HISTOGRAM_FORMAT, MAX_THRESHOLD, ConfidenceHistogram, apply_thresholds,
                                      per_image_thresholds)
 
 # Further files of a pseudo-label folder (the loader's names are in dataset.paths).
