@@ -22,7 +22,7 @@ from dataset.labels import NUM_CLASSES
 from model.bisenet import BiSeNet
 from model.loading import bisenet_checkpoint_entry
 from tests.conftest import write_tiny_tree
-from utils import checkpoint as checkpoint_module
+from utils import files as files_module  # where atomic_write calls os.replace
 from utils.checkpoint import CHECKPOINT_FORMAT, atomic_torch_save, load_checkpoint_file
 from cli.entry import EXIT_USER_ERROR, run_main
 from engine.data import BatchStream
@@ -52,7 +52,7 @@ def test_crash_between_write_and_rename_keeps_the_previous_checkpoint(tmp_path, 
         assert torch.load(source, weights_only=True)["iteration"] == 6
         raise OSError("simulated crash between write and rename")
 
-    monkeypatch.setattr(checkpoint_module.os, "replace", crash)
+    monkeypatch.setattr(files_module.os, "replace", crash)
     with pytest.raises(OSError, match="simulated crash"):
         atomic_torch_save({"format": CHECKPOINT_FORMAT, "iteration": 6, "w": torch.zeros(5)}, path)
     monkeypatch.undo()
@@ -102,7 +102,7 @@ def test_trainer_save_crash_keeps_the_last_checkpoint_and_a_killed_save_is_clean
             raise OSError("simulated crash between write and rename")
         real_replace(source, destination)
 
-    monkeypatch.setattr(checkpoint_module.os, "replace", replace_then_crash)
+    monkeypatch.setattr(files_module.os, "replace", replace_then_crash)
     with pytest.raises(OSError, match="simulated crash"):
         tiny_trainer(tmp_path, _sgd_step).run()
     monkeypatch.undo()

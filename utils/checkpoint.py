@@ -1,81 +1,25 @@
 """One checkpoint format, written atomically and read without executing code.
 
 Writes go to a temporary file in the target directory, are fsynced, then ``os.replace``d over
-the destination, so a crash at any moment leaves either the previous file or the new one whole.
+the destination (``utils.files.atomic_write``), so a crash at any moment leaves either the
+previous file or the new one whole.
 Reads use ``torch.load(weights_only=True)``: a pickle that would run code is refused.
 """
-import glob
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
+
+# The generic atomic write lives in the leaf module utils.files; it is re-exported here because
+# callers write checkpoints and reports through utils.checkpoint.
+from utils.files import atomic_write, remove_stale_temporaries  # noqa: F401
 
 CHECKPOINT_FORMAT = "uda-bisenet/1"
 _TORCH_MAGIC = (b"PK\x03\x04", b"\x80")  # how torch.save's zip archive and the legacy pickle format begin
 
 
-def _read_umask():
-    # Read once at import: os.umask can only be read by setting it, which is not thread-safe.
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-# mkstemp creates 0600 files; a written file gets the permissions open() would have given it.
-_FILE_MODE = 0o666 & ~_read_umask()
-
-
 class CheckpointError(ValueError):
     """A file that cannot be used as the checkpoint the caller asked for."""
-
-
-def atomic_write(path, write_fn, suffix=".tmp"):
-    """Call ``write_fn(file_object)`` on a temporary file next to ``path``, then rename it over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write_fn(handle)
-            handle.flush()
-            os.fchmod(handle.fileno(), _FILE_MODE)
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        if os.path.exists(tmp_name):
-            os.unlink(tmp_name)
-        raise
-    _fsync_directory(path.parent)
-
-
-def _fsync_directory(directory):
-    # The rename itself is only durable once the directory entry is on disk.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def remove_stale_temporaries(path, suffix=".tmp"):
-    """Delete the temporary files that writes of ``path`` left behind when their process was killed
-    between creating and renaming them (SIGKILL, power loss); return how many were removed."""
-    path = Path(path)
-    removed = 0
-    for stale in path.parent.glob(f".{glob.escape(path.name)}.*{suffix}"):
-        try:
-            stale.unlink()
-            removed += 1
-        except FileNotFoundError:
-            pass
-    return removed
 
 
 def atomic_torch_save(obj, path):

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from utils.distributed import is_main_process
+from utils.files import atomic_write_bytes
 
 
 class RunLogger:
@@ -106,16 +107,12 @@ def plain_args(args):
 
 def write_json(path, data):
     """Write JSON atomically (temporary file + rename) so readers never see half a file."""
-    from utils.checkpoint import atomic_write
-
     text = json.dumps(data, indent=2, allow_nan=False, default=str) + "\n"
-    atomic_write(path, lambda handle: handle.write(text.encode()))
+    atomic_write_bytes(path, text.encode())
 
 
 def write_text(path, text):
-    from utils.checkpoint import atomic_write
-
-    atomic_write(path, lambda handle: handle.write(text.encode()))
+    atomic_write_bytes(path, text.encode())
 
 
 def write_run_info(output_dir, args, extra=None):
