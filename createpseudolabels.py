@@ -41,7 +41,8 @@ from utils.distributed import cleanup_distributed, init_distributed, is_main_pro
 from cli.options import add_data_args, make_parser, non_negative_int, positive_float, positive_int
 from engine.precision import AMP_CHOICES, Precision
 from uda.pseudolabel_stats import MAX_THRESHOLD
-from uda.pseudolabels import DEFAULT_WRITER_THREADS, format_report, generate_pseudo_labels
+from uda.pseudolabel_files import DEFAULT_WRITER_THREADS, format_report
+from uda.pseudolabels import generate_pseudo_labels
 from cli.entry import run_main
 
 NETWORKS = ("model", "teacher")

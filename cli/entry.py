@@ -21,7 +21,7 @@ def user_errors():
     """The exception types whose message is the whole story for the user."""
     errors = [DatasetError, CheckpointError, TrainingError]
     try:  # pseudo-label folders that cannot be resumed or read
-        from uda.pseudolabels import PseudoLabelError
+        from uda.pseudolabel_files import PseudoLabelError
         errors.append(PseudoLabelError)
     except ImportError:
         pass

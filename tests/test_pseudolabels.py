@@ -20,6 +20,7 @@ from PIL import Image
 from torch import nn
 
 import createpseudolabels
+import uda.pseudolabel_files as pl_files
 import uda.pseudolabels as pl
 from dataset.cityscapes import CityscapesDataset
 from dataset.labels import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES, train_ids_to_ids
@@ -289,7 +290,7 @@ def test_resume_after_interruption_is_byte_identical(setup, monkeypatch):
 
     # Stopped in pass 2 after three images (mid-batch: batches are [0, 1], [2, 3], [4]).
     out = setup["tmp"] / "interrupted"
-    real_write = pl.write_label_files
+    real_write = pl_files.write_label_files
     count = {"n": 0}
 
     def failing_write(*args):
@@ -298,10 +299,10 @@ def test_resume_after_interruption_is_byte_identical(setup, monkeypatch):
             raise KeyboardInterrupt("simulated interruption")
         real_write(*args)
 
-    monkeypatch.setattr(pl, "write_label_files", failing_write)
+    monkeypatch.setattr(pl_files, "write_label_files", failing_write)
     with pytest.raises(KeyboardInterrupt):
         generate(setup, out)
-    monkeypatch.setattr(pl, "write_label_files", real_write)
+    monkeypatch.setattr(pl_files, "write_label_files", real_write)
     assert not (out / pl.COMPLETE_FILE).exists() and (out / THRESHOLDS_FILE).exists()
     (out / "aachen" / ".stale.png.abc123.tmp").write_bytes(b"half a file")  # what a kill -9 leaves
     model = setup["model"]
