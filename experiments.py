@@ -40,6 +40,13 @@ from cli.options import make_parser, non_negative_int, positive_float, positive_
 from engine.precision import Precision
 from reporting.report import mean_std, plot_miou_curves, plot_qualitative, table1_markdown, table2_markdown
 from cli.entry import run_main
+import createpseudolabels
+import MPL
+import trainSupervised
+import trainUnsupervised
+
+# The scripts the pipeline's stages run, by module name (reporting.pipeline imports no script).
+STAGE_SCRIPTS = {script.__name__: script for script in (trainSupervised, trainUnsupervised, createpseudolabels, MPL)}
 
 QUALITATIVE_IMAGES = 4
 COMPLEXITY_SIZE = (512, 1024)  # the report's Table II resolution (height, width)
@@ -208,7 +215,7 @@ def main(args):
             if stage.key not in args.stages:
                 continue
             print(f"\n===== seed {seed_dir.name[4:]} · stage {number}/{len(STAGES)}: {stage.title} =====", flush=True)
-            timings[f"{seed_dir.name}/{stage.key}"] = run_stage(stage, settings, seed_dir)
+            timings[f"{seed_dir.name}/{stage.key}"] = run_stage(stage, settings, seed_dir, STAGE_SCRIPTS[stage.script])
 
     print("\n===== scoring every method on target val =====", flush=True)
     scores, (images, labels, predictions), gap = score_methods(args, [str(d) for d in seed_dirs], device)

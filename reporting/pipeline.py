@@ -165,11 +165,10 @@ def start_iteration(settings, key):
     return total_iterations(settings, stage.parent) if stage.parent else 0
 
 
-def run_stage(stage, settings, seed_dir):
-    """Run one stage's script in this process with its own command line; return seconds taken."""
-    import importlib
-
-    module = importlib.import_module(stage.script)
+def run_stage(stage, settings, seed_dir, script):
+    """Run one stage's ``script`` (the module of ``stage.script``, passed in by experiments.py: the
+    pipeline sits below the scripts and imports none) in this process with its own command line;
+    return seconds taken."""
     run_dir = Path(seed_dir) / stage.key
     argv = stage.argv(settings, run_dir, seed_dir)
     if run_dir.exists():  # a rerun replaces the stage's folder whole: no file of the previous run survives
@@ -177,5 +176,5 @@ def run_stage(stage, settings, seed_dir):
         shutil.rmtree(run_dir)
     print(f"\n[stage {stage.key}] python {stage.script}.py {shlex.join(argv)}", flush=True)
     started = time.perf_counter()
-    module.main(module.get_args(argv))
+    script.main(script.get_args(argv))
     return time.perf_counter() - started

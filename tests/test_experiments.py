@@ -1,6 +1,5 @@
 """The main job (experiments.py) at a toy size: every stage runs and every file and row appears."""
 import json
-import sys
 import types
 
 import experiments
@@ -74,7 +73,6 @@ def test_a_rerun_stage_replaces_its_folder_and_only_its_folder(tmp_path, monkeyp
     fake = types.ModuleType("fake_stage_script")
     fake.get_args = lambda argv: argv
     fake.main = lambda argv: seen.setdefault("files", sorted(p.name for p in (tmp_path / "seed0").rglob("*")))
-    monkeypatch.setitem(sys.modules, "fake_stage_script", fake)
     monkeypatch.setitem(STAGE_ARGS, "fake", lambda settings, run_dir, seed_dir: ["--output-dir", str(run_dir)])
     stale = tmp_path / "seed0" / "fake" / "last.pth"
     stale.parent.mkdir(parents=True)
@@ -82,6 +80,6 @@ def test_a_rerun_stage_replaces_its_folder_and_only_its_folder(tmp_path, monkeyp
     neighbour = tmp_path / "seed0" / "source_only" / "last.pth"
     neighbour.parent.mkdir()
     neighbour.write_text("another stage")
-    run_stage(Stage("fake", "Fake", "fake_stage_script"), Settings(), tmp_path / "seed0")
+    run_stage(Stage("fake", "Fake", "fake_stage_script"), Settings(), tmp_path / "seed0", fake)
     assert seen["files"] == ["last.pth", "source_only"]  # the script started without the stale folder
     assert not stale.parent.exists() and neighbour.read_text() == "another stage"
