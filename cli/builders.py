@@ -99,9 +99,8 @@ def make_eval_loader(args, dataset, device, batch_size=1):
 def resolve_fast_paths(args, device):
     """Turn the ``auto`` choices of --channels-last/--compile into on/off for this device.
 
-    channels_last is on for CUDA and the CPU: oneDNN's convolutions run faster in it too (measured
-    on 2 cores at the demo's size, fused Adam both ways: a run of 60 DSC iterations 15 % faster, one
-    of 100 supervised iterations 5 %).
+    channels_last is on for CUDA and the CPU: cuDNN and oneDNN both run their convolutions faster in
+    it (the `channels_last` levers of bench/speed.py, bench/results/speed_cpu.md and speed_gpu.md).
     torch.compile only pays on CUDA, where its minutes of compilation buy faster inference.
     """
     for flag, devices in (("channels_last", ("cuda", "cpu")), ("compile", ("cuda",))):

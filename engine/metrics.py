@@ -5,7 +5,6 @@ ground truth, columns = prediction). Scores are computed from the summed matrix,
 of per-image scores. Classes absent from both prediction and ground truth have IoU NaN and are
 left out of the mean.
 """
-import json
 import math
 
 import torch
@@ -110,6 +109,3 @@ def scores_from_json(record, class_names=CLASS_NAMES):
         "iou": [value(record["iou"][name]) for name in class_names],
     }
 
-
-def dumps_scores(scores):
-    return json.dumps(scores_to_json(scores), indent=2)
