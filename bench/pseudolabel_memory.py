@@ -77,7 +77,7 @@ def child(args):
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = load_bisenet(args.checkpoint) if args.checkpoint else build_bisenet("resnet18", 19, "none")
+    model = load_bisenet(args.checkpoint) if args.checkpoint else build_bisenet("resnet18", pretrained="none")
     dataset = CityscapesDataset(args.root, split=SPLIT, transform=eval_transform(args.eval_size), labeled=True)
     before = peak_rss_mib()
     start = time.perf_counter()

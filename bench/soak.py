@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 import trainUnsupervised  # noqa: E402
-from tests.conftest import write_tiny_tree  # noqa: E402
+from dataset.tiny import write_tiny_tree  # noqa: E402
 
 PAGE_BYTES = os.sysconf("SC_PAGE_SIZE")
 MIB = 2 ** 20

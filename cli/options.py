@@ -8,6 +8,7 @@ from model.bisenet import CONTEXT_PATHS
 from engine.optim import OPTIMIZERS
 from engine.precision import AMP_CHOICES
 
+DEFAULT_LR = 2.5e-2  # initial learning rate of the segmentation network (the scripts' default)
 
 
 def size_type(text):
@@ -137,7 +138,7 @@ def add_runtime_args(parser):
     return group
 
 
-def add_training_args(parser, default_lr=2.5e-2):
+def add_training_args(parser, default_lr=DEFAULT_LR):
     group = parser.add_argument_group("training")
     group.add_argument("--output-dir", required=True, help="run folder: checkpoints, args, metrics, logs")
     group.add_argument("--batch-size", type=positive_int, default=4,
