@@ -128,26 +128,29 @@ class ImageFiles(torch.utils.data.Dataset):
         return {"name": name, "path": path, "image": image, "original": original, "error": None}
 
 
-def readable(items, skip_bad, skipped):
-    """Pass readable items through; raise on an unreadable one, or list its path in ``skipped``."""
-    for item in items:
-        if item["error"] is None:
-            yield item
-        elif not skip_bad:
-            raise DatasetError(f"{item['error']} (pass --skip-bad to skip unreadable files)")
-        else:
-            skipped.append(str(item["path"]))
-            warnings.warn(f"skipping unreadable input: {item['error']}", DatasetWarning, stacklevel=2)
+def same_size_batches(items, batch_size, skip_bad=False, skipped=None):
+    """Lists of up to ``batch_size`` consecutive readable items whose images have one size.
 
-
-def same_size_batches(items, batch_size):
-    """Lists of up to ``batch_size`` consecutive items whose images have one size."""
+    An unreadable item first lets the batch before it through (so everything read before it is
+    written), then raises ``DatasetError`` naming its file, or with ``skip_bad`` is listed in
+    ``skipped`` and left out.
+    """
     batch = []
     for item in items:
-        if batch and (len(batch) == batch_size or item["image"].shape != batch[0]["image"].shape):
+        if item["error"] is not None or (batch and item["image"].shape != batch[0]["image"].shape):
+            if batch:
+                yield batch
+            batch = []
+        if item["error"] is not None:
+            if not skip_bad:
+                raise DatasetError(f"{item['error']} (pass --skip-bad to skip unreadable files)")
+            skipped.append(str(item["path"]))
+            warnings.warn(f"skipping unreadable input: {item['error']}", DatasetWarning, stacklevel=2)
+            continue
+        batch.append(item)
+        if len(batch) == batch_size:
             yield batch
             batch = []
-        batch.append(item)
     if batch:
         yield batch
 
@@ -232,7 +235,7 @@ def predict_images(predictor, images, writer, batch_size=1, size_hw=None, worker
     skipped = []
     start = time.perf_counter()
     with tqdm(total=len(images), desc="predict", unit="img", disable=not progress, leave=False) as bar:
-        for batch in same_size_batches(readable(loader, skip_bad, skipped), batch_size):
+        for batch in same_size_batches(loader, batch_size, skip_bad, skipped):
             predictions = predictor([item["image"] for item in batch], batch[0]["original"].shape[:2])
             for item, train_ids in zip(batch, predictions):
                 writer.write(item["name"], item["original"].numpy(), train_ids)
@@ -244,16 +247,10 @@ def predict_images(predictor, images, writer, batch_size=1, size_hw=None, worker
             "images_per_s": writer.written / seconds if seconds > 0 else None}
 
 
-def _frame_batches(frames, batch_size, size_hw):
-    batch = []
+def _frame_items(frames, size_hw):
     for frame in frames:
         image, original = prepare_image(frame, size_hw)
-        batch.append({"image": image, "original": original})
-        if len(batch) == batch_size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
+        yield {"image": image, "original": original, "error": None}
 
 
 def video_output_paths(output_dir, stem, kinds):
@@ -277,7 +274,7 @@ def predict_video(predictor, reader, writer, batch_size=1, size_hw=None, progres
     start = time.perf_counter()
     try:
         with tqdm(total=reader.frame_count, desc="predict", unit="frame", disable=not progress, leave=False) as bar:
-            for batch in _frame_batches(reader.frames(), batch_size, size_hw):
+            for batch in same_size_batches(_frame_items(reader.frames(), size_hw), batch_size):
                 predictions = predictor([item["image"] for item in batch], batch[0]["original"].shape[:2])
                 for item, train_ids in zip(batch, predictions):
                     outputs = writer.images(item["original"].numpy(), train_ids)
