@@ -34,7 +34,7 @@ from dataset.labels import NUM_CLASSES  # noqa: E402
 from model import build_bisenet, build_discriminator  # noqa: E402
 from model.bisenet import CONTEXT_PATHS  # noqa: E402
 from model.discriminator import DISCRIMINATORS  # noqa: E402
-from utils.benchmark import device_name, time_callable  # noqa: E402
+from utils.benchmark import device_name, load_average, time_callable  # noqa: E402
 from utils.builders import prepare_network, resolve_fast_paths  # noqa: E402
 from utils.distributed import resolve_device  # noqa: E402
 from utils.engine import adversarial_step  # noqa: E402
@@ -156,13 +156,6 @@ def markdown(result):
     return "\n".join(lines)
 
 
-def _load_average():
-    try:
-        return [round(value, 2) for value in __import__("os").getloadavg()]
-    except OSError:
-        return None
-
-
 def main(args):
     device = resolve_device(args.device)
     if device.type == "cpu":
@@ -185,7 +178,7 @@ def main(args):
         "variants": {name: {"median_s": medians[name], "ratio": medians[name] / medians["adversarial"],
                             "samples_s": samples[name]} for name in samples},
         "wall_clock_ratio": medians["mpl_pham"] / medians["adversarial"], "goal": args.goal,
-        "load_average": _load_average(),
+        "load_average": load_average(),
         "wall_s": time.perf_counter() - started,
     }
     if device.type == "cpu":

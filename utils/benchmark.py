@@ -89,3 +89,13 @@ def device_name(device):
     import platform
 
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def load_average():
+    """The machine's 1, 5 and 15-minute load averages (None where the OS has none): a CPU timing's context."""
+    import os
+
+    try:
+        return [round(value, 2) for value in os.getloadavg()]
+    except (AttributeError, OSError):  # no getloadavg on Windows
+        return None
