@@ -34,7 +34,7 @@ from dataset.labels import NUM_CLASSES  # noqa: E402
 from model import build_bisenet, build_discriminator  # noqa: E402
 from model.bisenet import CONTEXT_PATHS  # noqa: E402
 from model.discriminator import DISCRIMINATORS  # noqa: E402
-from utils.benchmark import device_name, load_average, time_callable  # noqa: E402
+from utils.benchmark import device_name, load_average, time_callable, with_process_time  # noqa: E402
 from utils.builders import prepare_network, resolve_fast_paths  # noqa: E402
 from utils.distributed import resolve_device  # noqa: E402
 from utils.engine import adversarial_step  # noqa: E402
@@ -105,15 +105,6 @@ def make_variants(args, device):
             "mpl_pham": mpl_variant(PhamFeedback()),
             "mpl_course": mpl_variant(CourseFeedback(ramp_iters=10)),
             "mpl_pham_no_uda": mpl_variant(PhamFeedback(), uda_weight=0.0)}
-
-
-def with_process_time(fn, record):
-    """``fn`` that also appends the CPU time this process spent in each call to ``record``."""
-    def timed():
-        start = time.process_time()
-        fn()
-        record.append(time.process_time() - start)
-    return timed
 
 
 def measure(variants, device, args):

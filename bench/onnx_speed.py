@@ -16,7 +16,6 @@ import copy
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +30,7 @@ from dataset.normalization import get_normalization  # noqa: E402
 from model import build_bisenet, load_bisenet  # noqa: E402
 from model.bisenet import CONTEXT_PATHS  # noqa: E402
 from model.export import INPUT_DOMAIN, INPUT_NAME, InferenceGraph, export_onnx  # noqa: E402
-from utils.benchmark import device_name, load_average, time_callable  # noqa: E402
+from utils.benchmark import device_name, load_average, time_callable, with_process_time  # noqa: E402
 from utils.logger import write_json, write_text  # noqa: E402
 from utils.options import format_size, positive_int, size_type  # noqa: E402
 
@@ -50,14 +49,6 @@ def get_args(argv=None):
     parser.add_argument("--rounds", type=positive_int, default=3, help="interleaved rounds")
     parser.add_argument("--output", default=None, help="output path without suffix (default: bench/results/onnx_speed_cpu)")
     return parser.parse_args(argv)
-
-
-def with_process_time(fn, record):
-    def timed():
-        start = time.process_time()
-        fn()
-        record.append(time.process_time() - start)
-    return timed
 
 
 def make_variants(graph, images, onnx_path, threads):

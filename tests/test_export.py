@@ -33,6 +33,7 @@ def run_onnx(path, images):
     return session.run(None, {"image": images.astype(np.float32)})[0]
 
 
+@pytest.mark.slow  # about 15 s of CPU time, most of it in torch.export
 def test_argmax_graph_equals_the_predict_path(tmp_path):
     """The exported labels are predict.py's labels (the course convention baked into the graph)."""
     from dataset.normalization import get_normalization
@@ -61,7 +62,7 @@ def test_argmax_graph_equals_the_predict_path(tmp_path):
     assert len(np.unique(expected)) > 1
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # about 25 s: a graph with symbolic sizes takes longer to export
 def test_dynamic_size_softmax_graph_takes_any_size(tmp_path):
     checkpoint = write_checkpoint(tmp_path / "mpl.pth", key="teacher")
     target = tmp_path / "dynamic.onnx"

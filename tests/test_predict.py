@@ -130,6 +130,23 @@ def test_glob_and_single_image_inputs(checkpoint, folder, tmp_path):
     assert set(np.unique(ids)) <= {label.id for label in LABELS if label.train_id < NUM_CLASSES}
 
 
+def test_teacher_network_and_its_input_convention_come_from_the_checkpoint(folder, tmp_path):
+    """--network teacher picks the MPL teacher, and its recorded course convention is applied."""
+    torch.manual_seed(2)
+    student, teacher = build_bisenet("resnet18", NUM_CLASSES), build_bisenet("resnet18", NUM_CLASSES)
+    checkpoint = tmp_path / "mpl.pth"
+    torch.save({"format": CHECKPOINT_FORMAT, **bisenet_checkpoint_entry(student, "imagenet"),
+                **bisenet_checkpoint_entry(teacher, "course", key="teacher")}, checkpoint)
+    run(checkpoint, "--input", folder / "b.jpg", "--output-dir", tmp_path / "out", "--network", "teacher",
+        "--outputs", "labels")
+    image = read(folder / "b.jpg")
+    pixels = F.pad(torch.from_numpy(image).permute(2, 0, 1)[None], (0, -50 % 32, 0, -40 % 32), value=0)
+    with torch.no_grad():  # the course convention: BGR, the Cityscapes mean subtracted, no std
+        bgr = pixels.float().flip(1) - torch.tensor([73.16, 82.91, 72.39]).view(1, 3, 1, 1)
+        expected = teacher.eval()(bgr)[0, :, :40, :50].argmax(0).numpy()
+    assert (read(tmp_path / "out" / "labels" / "b.png") == expected).mean() >= 0.999
+
+
 @pytest.mark.parametrize("size", [None, "32x16"])
 def test_label_pngs_equal_eval_predictions(checkpoint, tiny_data_root, tmp_path, size):
     """--ids cityscapes writes what eval.py --save-predictions writes, at the image's size or resized."""

@@ -53,6 +53,15 @@ def time_callable(fn, device, warmup=10, runs=50, calls_per_sample=1):
     return statistics.median(samples), samples
 
 
+def with_process_time(fn, record):
+    """``fn`` that also appends the CPU time this process spent in each call to ``record``."""
+    def timed():
+        start = time.process_time()
+        fn()
+        record.append(time.process_time() - start)
+    return timed
+
+
 THROUGHPUT_BLOCK = 10  # back-to-back calls per throughput sample
 
 

@@ -225,13 +225,17 @@ def skipped_report(skipped):
     return f"{describe_files(skipped, 'unreadable file')} skipped (--skip-bad)" if skipped else None
 
 
+def _as_is(item):
+    return item  # a module-level function: workers started by "spawn" (macOS, Windows) pickle it
+
+
 def predict_images(predictor, images, writer, batch_size=1, size_hw=None, workers=0, skip_bad=False,
                    progress=True):
     """Predict and write every image of ``find_inputs``; return the counts and the images/s."""
     from tqdm import tqdm
 
     loader = torch.utils.data.DataLoader(ImageFiles(images, size_hw), batch_size=None, num_workers=workers,
-                                         collate_fn=lambda item: item)
+                                         collate_fn=_as_is)
     skipped = []
     start = time.perf_counter()
     with tqdm(total=len(images), desc="predict", unit="img", disable=not progress, leave=False) as bar:
