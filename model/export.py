@@ -178,7 +178,12 @@ def get_args(argv=None):
     parser.add_argument("--check-count", type=int, default=CHECK_IMAGES, help="how many images the check uses")
     parser.add_argument("--min-agreement", type=float, default=MIN_AGREEMENT,
                         help="smallest share of pixels whose class must agree with PyTorch")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.check_count < 1:
+        parser.error(f"--check-count must be at least 1, got {args.check_count}")
+    if not 0.0 <= args.min_agreement <= 1.0:
+        parser.error(f"--min-agreement must be in [0, 1], got {args.min_agreement}")
+    return args
 
 
 def main(args):

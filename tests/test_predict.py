@@ -125,6 +125,14 @@ def test_glob_and_single_image_inputs(checkpoint, folder, tmp_path):
     assert summary["images"] == 3  # a, a2, sub/c (b is a JPEG)
     assert (tmp_path / "glob" / "labels" / "sub" / "c.png").is_file()
     assert not (tmp_path / "glob" / "color").exists()
+    # An output folder inside the input folder is not read as input on the next run.
+    for _ in range(2):
+        summary = run(checkpoint, "--input", folder, "--output-dir", folder / "results", "--skip-bad",
+                      "--outputs", "labels")
+        assert summary["images"] == len(IMAGES)
+    (folder / "a.jpg").write_bytes((folder / "b.jpg").read_bytes())
+    with pytest.raises(DatasetError, match="a.jpg.*a.png|a.png.*a.jpg"):  # both would write labels/a.png
+        run(checkpoint, "--input", folder, "--output-dir", tmp_path / "clash")
     run(checkpoint, "--input", folder / "b.jpg", "--output-dir", tmp_path / "one", "--ids", "cityscapes")
     ids = read(tmp_path / "one" / "labels" / "b.png")
     assert set(np.unique(ids)) <= {label.id for label in LABELS if label.train_id < NUM_CLASSES}

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from dataset.common import DatasetError, DatasetWarning, describe_files, list_entries, read_image
 from dataset.labels import colorize, train_ids_to_ids
@@ -49,6 +50,13 @@ def _image_list(paths, base, exclude):
     for path in sorted(paths):
         if path.is_file() and _is_image(path) and (exclude is None or exclude not in path.resolve().parents):
             pairs.append((path, path.relative_to(base).with_suffix("").as_posix()))
+    by_name = {}
+    for path, name in pairs:
+        by_name.setdefault(name, []).append(path)
+    clashes = [paths for paths in by_name.values() if len(paths) > 1]
+    if clashes:  # e.g. photo.png and photo.jpg: their results would overwrite each other
+        raise DatasetError(f"inputs that differ only in their suffix would write the same result files: "
+                           f"{describe_files(clashes[0], 'file')}; rename or move one of them")
     return pairs
 
 
@@ -98,8 +106,6 @@ def prepare_image(array, size_hw=None):
 
     With ``size_hw`` the input is resized BILINEAR by PIL, as ``eval.py``'s transform does.
     """
-    from PIL import Image
-
     image = array if isinstance(array, Image.Image) else Image.fromarray(array)
     original = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
     if size_hw is None:
@@ -203,7 +209,7 @@ class ResultWriter:
 
     def __init__(self, output_dir, kinds, ids="train", alpha=0.5):
         self.output_dir = Path(output_dir)
-        self.kinds = tuple(kinds)
+        self.kinds = tuple(dict.fromkeys(kinds))  # each once, in the order given
         self.ids = ids
         self.alpha = alpha
         self.written = 0
