@@ -12,11 +12,12 @@ The batch is always dynamic; --dynamic-size makes height and width dynamic too (
 
 After export the file is run by onnxruntime (CPU) on images of the synthetic benchmark (or
 --check-images) and compared with PyTorch: the share of pixels whose class agrees must be at least
---min-agreement, and the largest logit difference is printed. The opset, the check's numbers and
-the network's description are stored in the model's metadata and in ``<OUT>.json``.
+--min-agreement, and the largest logit difference is printed. The opset and the network's
+description are stored in the model's metadata, and with the check's numbers in ``<OUT>.json``.
 
-Needs onnx, onnxscript and onnxruntime (requirements-dev.txt); nothing else of the project's
-training code is imported.
+Needs torch >= 2.5 (the torch.export-based exporter), onnx, onnxscript and onnxruntime (optional in
+requirements.txt, required by requirements-dev.txt); nothing of the project's training code is
+imported.
 """
 import argparse
 import glob
