@@ -20,7 +20,6 @@ repeats images), the confusion matrices are summed over processes, each process 
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from dataset.labels import colorize, train_ids_to_ids
 from dataset.paths import cityscapes_result_name
@@ -28,13 +27,13 @@ from model import load_bisenet
 from utils.benchmark import inference_throughput
 from cli.builders import (make_eval_loader, maybe_compile, prepare_network, resolve_data, resolve_fast_paths,
                             resolve_input_convention, target_eval_dataset)
-from utils.checkpoint import atomic_write
 from utils.distributed import cleanup_distributed, init_distributed, is_main_process
 from engine.evaluate import evaluate
-from utils.logger import setup_console_logging, write_json, write_text
+from utils.logger import setup_console_logging, write_json, write_png, write_text
 from engine.metrics import markdown_table, scores_to_json, text_report
-from cli.options import add_data_args, make_parser, non_negative_int, positive_int, size_type
-from engine.precision import AMP_CHOICES, Precision
+from cli.options import (add_data_args, add_inference_runtime_args, make_parser, non_negative_int, positive_int,
+                           size_type)
+from engine.precision import Precision
 from cli.entry import run_main
 
 RESULTS_SUBDIR = "cityscapes_results"  # label-id PNGs for cityscapesscripts (CITYSCAPES_RESULTS)
@@ -56,12 +55,7 @@ def get_args(argv=None):
     for action in parser._actions:
         if action.dest == "input_convention":
             action.help = "input normalisation (default: the one recorded in the checkpoint)"
-    runtime = parser.add_argument_group("runtime")
-    runtime.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    runtime.add_argument("--amp", choices=AMP_CHOICES, default="auto", help="mixed precision (auto: bf16 on CUDA, off on CPU)")
-    runtime.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto", help="channels_last memory format")
-    runtime.add_argument("--compile", choices=("auto", "on", "off"), default="off", help="torch.compile the network")
-    runtime.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+    add_inference_runtime_args(parser)
     bench = parser.add_argument_group("speed")
     bench.add_argument("--benchmark", action="store_true", help="also measure inference speed (images/s)")
     bench.add_argument("--benchmark-size", type=size_type, default=None, help="benchmark resolution WIDTHxHEIGHT (default: --eval-size)")
@@ -74,10 +68,6 @@ def get_args(argv=None):
 def prediction_writer(directory, official):
     """on_batch callback of ``evaluate`` that writes colour (and official label-id) PNGs atomically."""
     directory = Path(directory)
-
-    def write_png(path, array, mode=None):
-        image = Image.fromarray(array, mode) if mode else Image.fromarray(array)
-        atomic_write(path, lambda handle: image.save(handle, format="PNG"))
 
     def on_batch(batch, prediction):
         for name, train_ids in zip(batch["name"], prediction.to(torch.uint8).cpu().numpy()):

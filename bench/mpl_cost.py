@@ -34,7 +34,7 @@ from dataset.labels import NUM_CLASSES  # noqa: E402
 from model import build_bisenet, build_discriminator  # noqa: E402
 from model.bisenet import CONTEXT_PATHS  # noqa: E402
 from model.discriminator import DISCRIMINATORS  # noqa: E402
-from utils.benchmark import device_name, time_callable  # noqa: E402
+from utils.benchmark import device_name, load_average, time_callable, with_process_time  # noqa: E402
 from cli.builders import prepare_network, resolve_fast_paths  # noqa: E402
 from utils.distributed import resolve_device  # noqa: E402
 from engine.steps import adversarial_step  # noqa: E402
@@ -107,15 +107,6 @@ def make_variants(args, device):
             "mpl_pham_no_uda": mpl_variant(PhamFeedback(), uda_weight=0.0)}
 
 
-def with_process_time(fn, record):
-    """``fn`` that also appends the CPU time this process spent in each call to ``record``."""
-    def timed():
-        start = time.process_time()
-        fn()
-        record.append(time.process_time() - start)
-    return timed
-
-
 def measure(variants, device, args):
     """Wall-clock samples per variant (time_callable) and, on the CPU, this process's CPU time.
 
@@ -156,13 +147,6 @@ def markdown(result):
     return "\n".join(lines)
 
 
-def _load_average():
-    try:
-        return [round(value, 2) for value in __import__("os").getloadavg()]
-    except OSError:
-        return None
-
-
 def main(args):
     device = resolve_device(args.device)
     if device.type == "cpu":
@@ -185,7 +169,7 @@ def main(args):
         "variants": {name: {"median_s": medians[name], "ratio": medians[name] / medians["adversarial"],
                             "samples_s": samples[name]} for name in samples},
         "wall_clock_ratio": medians["mpl_pham"] / medians["adversarial"], "goal": args.goal,
-        "load_average": _load_average(),
+        "load_average": load_average(),
         "wall_s": time.perf_counter() - started,
     }
     if device.type == "cpu":

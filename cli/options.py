@@ -1,25 +1,14 @@
 """Command-line options shared by the scripts, defined once so the scripts never drift apart."""
 import argparse
-import re
 
 from dataset.labels import NUM_CLASSES
 from dataset.normalization import CONVENTIONS
 from model.bisenet import CONTEXT_PATHS
 from engine.optim import OPTIMIZERS
 from engine.precision import AMP_CHOICES
+from utils.sizes import format_size, size_type  # noqa: F401 - the scripts import them from here
 
 DEFAULT_LR = 2.5e-2  # initial learning rate of the segmentation network (the scripts' default)
-
-
-def size_type(text):
-    """'1280x720' (WIDTHxHEIGHT, as the report writes sizes) -> (height, width)."""
-    match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", str(text))
-    if not match:
-        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT such as 1024x512, got {text!r}")
-    width, height = int(match.group(1)), int(match.group(2))
-    if width <= 0 or height <= 0:
-        raise argparse.ArgumentTypeError(f"sizes must be positive, got {text!r}")
-    return height, width
 
 
 def positive_int(text):
@@ -66,10 +55,6 @@ def scale_range_type(text):
     if not 0 < low <= high:
         raise argparse.ArgumentTypeError(f"expected 0 < MIN <= MAX, got {text!r}")
     return low, high
-
-
-def format_size(size_hw):
-    return f"{size_hw[1]}x{size_hw[0]}"
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -171,4 +156,15 @@ def add_training_args(parser, default_lr=DEFAULT_LR):
     group.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", help="disable TensorBoard logging")
     group.add_argument("--wandb", action="store_true", help="log to Weights & Biases (honours WANDB_MODE=offline)")
     group.add_argument("--wandb-project", default="uda-bisenet", help="W&B project name")
+    return group
+
+
+def add_inference_runtime_args(parser):
+    """--device, --amp, --channels-last, --compile, --no-progress of the inference scripts."""
+    group = parser.add_argument_group("runtime")
+    group.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    group.add_argument("--amp", choices=AMP_CHOICES, default="auto", help="mixed precision (auto: bf16 on CUDA, off on CPU)")
+    group.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto", help="channels_last memory format")
+    group.add_argument("--compile", choices=("auto", "on", "off"), default="off", help="torch.compile the network")
+    group.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
     return group

@@ -53,6 +53,15 @@ def time_callable(fn, device, warmup=10, runs=50, calls_per_sample=1):
     return statistics.median(samples), samples
 
 
+def with_process_time(fn, record):
+    """``fn`` that also appends the CPU time this process spent in each call to ``record``."""
+    def timed():
+        start = time.process_time()
+        fn()
+        record.append(time.process_time() - start)
+    return timed
+
+
 THROUGHPUT_BLOCK = 10  # back-to-back calls per throughput sample
 
 
@@ -89,3 +98,13 @@ def device_name(device):
     import platform
 
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def load_average():
+    """The machine's 1, 5 and 15-minute load averages (None where the OS has none): a CPU timing's context."""
+    import os
+
+    try:
+        return [round(value, 2) for value in os.getloadavg()]
+    except (AttributeError, OSError):  # no getloadavg on Windows
+        return None

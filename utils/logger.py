@@ -115,6 +115,17 @@ def write_text(path, text):
     atomic_write_bytes(path, text.encode())
 
 
+def write_png(path, image):
+    """Write a PIL image or a uint8 array (HxW or HxWx3) as a PNG, atomically."""
+    from PIL import Image
+
+    from utils.checkpoint import atomic_write
+
+    if not isinstance(image, Image.Image):
+        image = Image.fromarray(image)
+    atomic_write(path, lambda handle: image.save(handle, format="PNG"))
+
+
 def write_run_info(output_dir, args, extra=None):
     """Resolved args, seed, git commit and environment next to the run's checkpoints."""
     import torch
