@@ -26,9 +26,9 @@ from cli.entry import run_main
 from utils.distributed import resolve_device
 from cli.options import add_inference_runtime_args, make_parser, non_negative_int, positive_int, size_type, unit_interval
 from engine.precision import Precision
-from utils.predict import (ID_CHOICES, OUTPUT_KINDS, VIDEO_OUTPUT_KINDS, Predictor, ResultWriter, check_output_dir,
+from engine.predict import (ID_CHOICES, OUTPUT_KINDS, VIDEO_OUTPUT_KINDS, Predictor, ResultWriter, check_output_dir,
                            find_inputs, predict_images, predict_video, skipped_report)
-from utils.video import VideoReader
+from dataset.video import VideoReader
 
 # The convention's per-domain statistics: a user's street images are the target domain's kind.
 INPUT_DOMAIN = "cityscapes"

@@ -38,7 +38,7 @@ def test_argmax_graph_equals_the_predict_path(tmp_path):
     """The exported labels are predict.py's labels (the course convention baked into the graph)."""
     from dataset.normalization import get_normalization
     from model import load_bisenet
-    from utils.predict import Predictor
+    from engine.predict import Predictor
 
     checkpoint = write_checkpoint(tmp_path / "course.pth", convention="course")
     target = tmp_path / "bisenet.onnx"

@@ -220,7 +220,7 @@ def test_video_keeps_frame_count_size_and_rate(checkpoint, network, tmp_path):
 
 
 def test_odd_sized_video_keeps_its_size(checkpoint, tmp_path):
-    from utils.video import VideoWriter
+    from dataset.video import VideoWriter
 
     writer = VideoWriter(tmp_path / "odd.mp4", 12, 33, 17)  # yuv420p cannot hold odd sizes
     for value in (0, 120, 240):

@@ -21,7 +21,7 @@ from dataset.labels import colorize, train_ids_to_ids
 from dataset.transforms import IMAGE_FILL, eval_transform
 from engine.evaluate import predict_logits
 from utils.logger import write_png
-from utils.video import VIDEO_SUFFIXES, VideoWriter
+from dataset.video import VIDEO_SUFFIXES, VideoWriter
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm")
 PAD_MULTIPLE = 32  # BiSeNet's deepest stride: every feature map of a padded image aligns with the input
