@@ -39,7 +39,8 @@ from utils.builders import prepare_network, resolve_fast_paths  # noqa: E402
 from utils.distributed import resolve_device  # noqa: E402
 from utils.engine import adversarial_step  # noqa: E402
 from utils.logger import write_json, write_text  # noqa: E402
-from utils.mpl import DEFAULT_UDA_WEIGHT, CourseFeedback, Learner, MPLStep, PhamFeedback, PseudoLabeler  # noqa: E402
+from utils.mpl import DEFAULT_UDA_WEIGHT, Learner, MPLStep, PseudoLabeler  # noqa: E402
+from utils.mpl_feedback import CourseFeedback, PhamFeedback  # noqa: E402
 from utils.optim import build_optimizer  # noqa: E402
 from utils.options import format_size, positive_int, size_type  # noqa: E402
 from utils.precision import AMP_CHOICES, Precision  # noqa: E402
@@ -103,7 +104,7 @@ def make_variants(args, device):
 
     return {"adversarial": adversarial_variant(False), "adversarial_pl": adversarial_variant(True),
             "mpl_pham": mpl_variant(PhamFeedback()),
-            "mpl_course": mpl_variant(CourseFeedback(ramp_iters=10)),
+            "mpl_course": mpl_variant(CourseFeedback(batches_per_epoch=1000)),
             "mpl_pham_no_uda": mpl_variant(PhamFeedback(), uda_weight=0.0)}
 
 
