@@ -2,7 +2,9 @@
 
 The baseline is ``utils.engine.adversarial_step`` (BiSeNet + discriminator, one source and one
 target batch); MPL is ``utils.mpl.MPLStep`` with the same sizes, a teacher of the same
-architecture and both feedbacks (pham: one extra student forward; course: none). Inputs are
+architecture and both feedback rules (pham: the student's extra step on the pseudo labels alone
+and two no-grad student forwards on the source batch; course: nothing beyond the teacher's
+update; see utils/mpl_feedback.py). Inputs are
 random tensors already on the device, so data loading is out of the measurement. Each variant
 is timed with ``utils.benchmark.time_callable`` (CUDA events on a GPU, ``perf_counter`` on the
 CPU) in several interleaved rounds, so that a machine whose load drifts slows all variants
@@ -12,13 +14,16 @@ the compute time itself, which other processes on a shared machine cannot inflat
 ratio is recorded next to it. The goal of the issue is a ratio of at most --goal (2.2) for the
 default (pham) feedback; ``mpl_pham_no_uda`` (--uda-weight 0: no augmented view) shows what the
 consistency term costs, and ``adversarial_pl`` (the same step with target pseudo labels, i.e. a
-DSC + PL iteration, which is what MPL's student step is) what the student alone costs.
+DSC + PL iteration, which is the course rule's student step) what that student alone costs.
+The JSON and Markdown record the command line and OMP_NUM_THREADS.
 
 Examples:
   python bench/mpl_cost.py                                   # CPU: bench/results/mpl_cost_cpu.{json,md}
   python bench/mpl_cost.py --device cuda --runs 30 --rounds 3  # GPU: bench/results/mpl_cost_cuda.{json,md}
 """
 import argparse
+import os
+import shlex
 import statistics
 import sys
 import time
@@ -145,6 +150,7 @@ def markdown(result):
              f"batch {result['batch_size']} per domain, {result['size']} (WxH), precision {result['precision']}, "
              f"channels_last {result['channels_last']}; median of {result['samples_per_variant']} timed calls "
              f"per variant ({result['rounds']} interleaved rounds).", "",
+             f"Command: `{result['command']}` (OMP_NUM_THREADS={result['omp_num_threads']}).", "",
              "| variant | median s / iteration | x adversarial | CPU time s | x adversarial (CPU time) |",
              "|---|---|---|---|---|"]
     for name, entry in result["variants"].items():
@@ -159,7 +165,7 @@ def markdown(result):
 
 def _load_average():
     try:
-        return [round(value, 2) for value in __import__("os").getloadavg()]
+        return [round(value, 2) for value in os.getloadavg()]
     except OSError:
         return None
 
@@ -187,6 +193,7 @@ def main(args):
                             "samples_s": samples[name]} for name in samples},
         "wall_clock_ratio": medians["mpl_pham"] / medians["adversarial"], "goal": args.goal,
         "load_average": _load_average(),
+        "command": "python " + shlex.join(sys.argv), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "wall_s": time.perf_counter() - started,
     }
     if device.type == "cpu":

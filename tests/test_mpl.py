@@ -103,7 +103,7 @@ def test_course_coefficient_follows_the_course_schedule_by_epoch():
     expected = {0: 1.0, 3: 1.0, 4: 0.6 * 0.0253151205, 103: 0.6 * 0.8682459574, 104: 0.6, 400: 0.6}
     for iteration, value in expected.items():
         coefficient = course_coefficient(feedback.epoch(iteration), big_h)
-        assert coefficient.item() == pytest.approx(value, rel=1e-7), iteration
+        assert coefficient.item() == pytest.approx(value, rel=1e-6), iteration  # float32 H
     assert [feedback.epoch(i) for i in (0, 3, 4, 103, 104)] == [0, 0, 1, 25, 26]
     assert course_coefficient(0, torch.tensor(0.0)).item() == 1.0  # 1 / H * H, without the 0 / 0
 

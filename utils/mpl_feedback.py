@@ -45,6 +45,11 @@ Each rule is an ``nn.Module`` (its state is checkpointed with the run) with
   the three heads summed in ``L_target``; its default optimizer is SGD at 1.25e-2
   (``resolve_mpl_args``). One deliberate difference: the course trains the teacher's
   discriminator on the *student's* maps (a bug); here it learns from the teacher's own.
+  Shared with ``pham`` and so not the course's either: the pseudo labels (the course thresholds
+  each image at its own per-class medians, teacher in eval mode; here ``PseudoLabeler``'s running
+  histogram on the training forward) and the UDA term (the course: Gaussian noise in a random box
+  on half of the batches, three heads, weight 1; here ``utils.mpl.augment_view``, main head,
+  ``--uda-weight`` ramped over ``--uda-ramp-iters``).
 """
 import contextlib
 import math
