@@ -5,8 +5,16 @@ its hard predictions, thresholded per class (refreshed every --refresh iteration
 histogram, or fixed from a thresholds.json), train a student (fresh or --init-from/--student-checkpoint)
 with the adversarial step of trainUnsupervised.py. The teacher learns from its source labels,
 its own discriminator, a consistency term on an augmented target view and the student's
-feedback (--feedback pham: the change of the student's labeled loss; course: the report's
-variant). Formulas and the sign of the feedback: uda/meta_pseudo_labels.py. Student and teacher are validated
+feedback, by one of two rules (--feedback):
+  pham   (the MPL paper, default): the student steps on the pseudo labels alone; h, the drop of its
+         labeled (source) loss over that step minus a moving baseline, weighs the teacher's
+         pseudo-label loss; then the student takes its source + adversarial step.
+  course (the course's MPL.py): one source + pseudo-label + adversarial student step; weight
+         alpha x student_lr x L_pseudo x L_source, alpha = exp(epoch/40) - 1 for epochs 1..25, 1 after,
+         and exactly 1 in epoch 0; teacher adversarial weight 1, three heads in its pseudo-label
+         loss, teacher SGD at 1.25e-2 by default. Unlike the course, the teacher's discriminator
+         learns from the teacher's own maps (the course used the student's: a bug).
+Formulas, signs and costs: uda/meta_pseudo_labels.py and uda/mpl_feedback.py. Student and teacher are validated
 on Cityscapes val (the student ranks best.pth); both networks, both discriminators, their
 optimizers and scalers and the threshold/baseline state are checkpointed together, so --resume
 continues exactly. ``eval.py --checkpoint RUN/last.pth --network teacher`` scores the teacher.
@@ -24,8 +32,9 @@ from cli.builders import (initial_bisenet, load_initial_bisenet, make_eval_loade
                             resolve_data, source_train_dataset, target_eval_dataset, target_train_dataset,
                             train_stream)
 from utils.distributed import cleanup_distributed, wrap_ddp
-from uda.meta_pseudo_labels import (Learner, MPLStep, PseudoLabeler, add_mpl_args, build_feedback,
-                       read_thresholds, resolve_mpl_args, resolve_mpl_schedule)
+from uda.meta_pseudo_labels import (Learner, MPLStep, PseudoLabeler, add_mpl_args, read_thresholds, resolve_mpl_args,
+                       resolve_mpl_schedule)
+from uda.mpl_feedback import build_feedback
 from engine.optim import build_optimizer
 from cli.options import add_data_args, add_model_args, add_runtime_args, add_training_args, make_parser
 from cli.run import finish_run, make_image_logger, make_validator, resolve_schedule, start_run
@@ -68,7 +77,7 @@ def main(args):
 
     streams = {"source": train_stream(args, source, device), "target": train_stream(args, target, device, seed_offset=1)}
     max_iters = resolve_schedule(args, streams["source"].batches_per_epoch)
-    alpha_ramp_iters = resolve_mpl_schedule(args, streams["source"].batches_per_epoch)
+    resolve_mpl_schedule(args)
 
     mpl = MPLStep(
         student=Learner(wrap_ddp(maybe_compile(student, args), device, find_unused_parameters=True), optimizer,
@@ -76,7 +85,7 @@ def main(args):
         teacher=Learner(wrap_ddp(maybe_compile(teacher, args), device, find_unused_parameters=True), optimizer_t,
                         scalers["teacher"], wrap_ddp(discriminator_t, device), optimizer_dt, scalers["discriminator_teacher"]),
         labeler=PseudoLabeler(args.num_classes, args.refresh, thresholds).to(device),
-        feedback=build_feedback(args, alpha_ramp_iters).to(device),
+        feedback=build_feedback(args, streams["source"].batches_per_epoch).to(device),
         precision=context.precision, lambda_adv=args.lambda_adv, uda_weight=args.uda_weight,
         uda_ramp_iters=args.uda_ramp_iters, seed=args.seed)
 

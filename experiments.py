@@ -7,7 +7,8 @@ Runs, for each seed, at a small size that fits a laptop CPU:
   3. source only, continued (the control: as much training, no adaptation)
   4. adversarial with FCD                                   5. adversarial with DSC
   6. pseudo labels from the DSC model    7. DSC + pseudo labels, from the DSC model
-  8. DSC + MPL (student and teacher), both starting from the DSC model
+  8. DSC + MPL (student and teacher), both starting from the DSC model, with the MPL paper's
+     feedback (--feedback pham)        9. the same with the course's feedback rule (--feedback course)
 then scores every method on target val and writes into --output-dir:
   table1.md (per-class IoU, mIoU, pixel accuracy; mean ± std over seeds, Δ vs source only),
   table2.md (parameters and GFLOPs at 1024x512), miou_curves.png, qualitative.png, results.json.
@@ -73,7 +74,7 @@ def get_args(argv=None):
                         help="iterations of the fine-tuning stages from the source-only model (control, FCD, DSC)")
     parser.add_argument("--pseudo-iterations", type=positive_int, default=defaults.pseudo_iterations,
                         help="iterations of DSC + PL (from the DSC model)")
-    parser.add_argument("--mpl-iterations", type=positive_int, default=defaults.mpl_iterations, help="iterations of DSC + MPL")
+    parser.add_argument("--mpl-iterations", type=positive_int, default=defaults.mpl_iterations, help="iterations of DSC + MPL (each rule)")
     parser.add_argument("--val-every", type=positive_int, default=defaults.val_every, help="validation cadence (mIoU curves)")
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default=defaults.optimizer,
                         help="segmentation optimizer of every stage (Adam: see utils/experiments.Settings)")

@@ -2,7 +2,9 @@
 
 The baseline is ``engine.steps.adversarial_step`` (BiSeNet + discriminator, one source and one
 target batch); MPL is ``uda.meta_pseudo_labels.MPLStep`` with the same sizes, a teacher of the same
-architecture and both feedbacks (pham: one extra student forward; course: none). Inputs are
+architecture and both feedback rules (pham: the student's extra step on the pseudo labels alone
+and two no-grad student forwards on the source batch; course: nothing beyond the teacher's
+update; see uda/mpl_feedback.py). Inputs are
 random tensors already on the device, so data loading is out of the measurement. Each variant
 is timed with ``utils.benchmark.time_callable`` (CUDA events on a GPU, ``perf_counter`` on the
 CPU) in several interleaved rounds, so that a machine whose load drifts slows all variants
@@ -12,13 +14,16 @@ the compute time itself, which other processes on a shared machine cannot inflat
 ratio is recorded next to it. The goal of the issue is a ratio of at most --goal (2.2) for the
 default (pham) feedback; ``mpl_pham_no_uda`` (--uda-weight 0: no augmented view) shows what the
 consistency term costs, and ``adversarial_pl`` (the same step with target pseudo labels, i.e. a
-DSC + PL iteration, which is what MPL's student step is) what the student alone costs.
+DSC + PL iteration, which is the course rule's student step) what that student alone costs.
+The JSON and Markdown record the command line and OMP_NUM_THREADS.
 
 Examples:
   python bench/mpl_cost.py                                   # CPU: bench/results/mpl_cost_cpu.{json,md}
   python bench/mpl_cost.py --device cuda --runs 30 --rounds 3  # GPU: bench/results/mpl_cost_cuda.{json,md}
 """
 import argparse
+import os
+import shlex
 import statistics
 import sys
 import time
@@ -39,7 +44,8 @@ from cli.builders import prepare_network, resolve_fast_paths  # noqa: E402
 from utils.distributed import resolve_device  # noqa: E402
 from engine.steps import adversarial_step  # noqa: E402
 from utils.logger import write_json, write_text  # noqa: E402
-from uda.meta_pseudo_labels import DEFAULT_UDA_WEIGHT, CourseFeedback, Learner, MPLStep, PhamFeedback, PseudoLabeler  # noqa: E402
+from uda.meta_pseudo_labels import DEFAULT_UDA_WEIGHT, Learner, MPLStep, PseudoLabeler  # noqa: E402
+from uda.mpl_feedback import CourseFeedback, PhamFeedback  # noqa: E402
 from engine.optim import build_optimizer  # noqa: E402
 from cli.options import format_size, positive_int, size_type  # noqa: E402
 from engine.precision import AMP_CHOICES, Precision  # noqa: E402
@@ -103,7 +109,7 @@ def make_variants(args, device):
 
     return {"adversarial": adversarial_variant(False), "adversarial_pl": adversarial_variant(True),
             "mpl_pham": mpl_variant(PhamFeedback()),
-            "mpl_course": mpl_variant(CourseFeedback(ramp_iters=10)),
+            "mpl_course": mpl_variant(CourseFeedback(batches_per_epoch=1000)),
             "mpl_pham_no_uda": mpl_variant(PhamFeedback(), uda_weight=0.0)}
 
 
@@ -135,6 +141,7 @@ def markdown(result):
              f"batch {result['batch_size']} per domain, {result['size']} (WxH), precision {result['precision']}, "
              f"channels_last {result['channels_last']}; median of {result['samples_per_variant']} timed calls "
              f"per variant ({result['rounds']} interleaved rounds).", "",
+             f"Command: `{result['command']}` (OMP_NUM_THREADS={result['omp_num_threads']}).", "",
              "| variant | median s / iteration | x adversarial | CPU time s | x adversarial (CPU time) |",
              "|---|---|---|---|---|"]
     for name, entry in result["variants"].items():
@@ -170,6 +177,7 @@ def main(args):
                             "samples_s": samples[name]} for name in samples},
         "wall_clock_ratio": medians["mpl_pham"] / medians["adversarial"], "goal": args.goal,
         "load_average": load_average(),
+        "command": "python " + shlex.join(sys.argv), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "wall_s": time.perf_counter() - started,
     }
     if device.type == "cpu":

@@ -51,7 +51,7 @@ class Settings:
     iterations: int = 600           # from scratch: source only
     adapt_iterations: int = 120     # fine-tuning: the control, FCD, DSC
     pseudo_iterations: int = 120    # DSC + PL, from the DSC model
-    mpl_iterations: int = 60        # DSC + MPL, teacher and student from the DSC model
+    mpl_iterations: int = 60        # DSC + MPL (each feedback rule), teacher and student from the DSC model
     val_every: int = 250
     workers: int = 2
     device: str = "auto"
@@ -81,7 +81,8 @@ class Settings:
 
     def stage_iterations(self, key):
         return {"supervised": self.supervised_iterations, "source_only": self.iterations, "pseudo": 0,
-                "dsc_pl": self.pseudo_iterations, "mpl": self.mpl_iterations}.get(key, self.adapt_iterations)
+                "dsc_pl": self.pseudo_iterations, "mpl": self.mpl_iterations,
+                "mpl_course": self.mpl_iterations}.get(key, self.adapt_iterations)
 
 
 def _seed(seed_dir):
@@ -122,7 +123,10 @@ STAGE_ARGS = {
     "dsc": _train("dsc", "--discriminator", "dsc", adversarial=True),
     "pseudo": _pseudo,
     "dsc_pl": _train("dsc_pl", "--discriminator", "dsc", "--use-pseudolabels", "{seed_dir}/pseudo", adversarial=True),
-    "mpl": _train("mpl", "--discriminator", "dsc", "--teacher-checkpoint", "{seed_dir}/dsc/last.pth", adversarial=True),
+    "mpl": _train("mpl", "--discriminator", "dsc", "--feedback", "pham", "--teacher-checkpoint", "{seed_dir}/dsc/last.pth",
+                  adversarial=True),
+    "mpl_course": _train("mpl_course", "--discriminator", "dsc", "--feedback", "course", "--teacher-checkpoint",
+                         "{seed_dir}/dsc/last.pth", adversarial=True),
 }
 
 STAGES = (
@@ -133,7 +137,8 @@ STAGES = (
     Stage("dsc", "Adversarial DSC", "trainUnsupervised", parent="source_only"),
     Stage("pseudo", "Pseudo labels from DSC", "createpseudolabels", needs=("dsc",)),
     Stage("dsc_pl", "DSC + PL", "trainUnsupervised", needs=("pseudo",), parent="dsc"),
-    Stage("mpl", "DSC + MPL", "MPL", parent="dsc"),
+    Stage("mpl", "DSC + MPL, the MPL paper's feedback (pham)", "MPL", parent="dsc"),
+    Stage("mpl_course", "DSC + MPL, the course's feedback rule", "MPL", parent="dsc"),
 )
 STAGE_KEYS = tuple(stage.key for stage in STAGES)
 STAGE_BY_KEY = {stage.key: stage for stage in STAGES}
@@ -146,8 +151,10 @@ METHODS = (
     ("FCD", "fcd", "model"),
     ("DSC", "dsc", "model"),
     ("DSC + PL", "dsc_pl", "model"),
-    ("DSC + MPL (student)", "mpl", "model"),
-    ("DSC + MPL (teacher)", "mpl", "teacher"),
+    ("DSC + MPL pham (student)", "mpl", "model"),
+    ("DSC + MPL pham (teacher)", "mpl", "teacher"),
+    ("DSC + MPL course (student)", "mpl_course", "model"),
+    ("DSC + MPL course (teacher)", "mpl_course", "teacher"),
 )
 BASELINE = "Source only"
 

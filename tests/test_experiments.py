@@ -44,12 +44,16 @@ def test_adaptation_stages_fine_tune_their_parent_and_count_its_iterations(tmp_p
     assert init_from("supervised") is None and init_from("source_only") is None
     for key in ("source_only_ft", "fcd", "dsc"):
         assert init_from(key) == str(seed_dir / "source_only" / "last.pth"), key
-    assert init_from("dsc_pl") == init_from("mpl") == str(seed_dir / "dsc" / "last.pth")
+    assert init_from("dsc_pl") == init_from("mpl") == init_from("mpl_course") == str(seed_dir / "dsc" / "last.pth")
+    for key, rule in (("mpl", "pham"), ("mpl_course", "course")):  # one MPL stage per feedback rule
+        assert argv(key)[argv(key).index("--feedback") + 1] == rule
+        assert argv(key)[argv(key).index("--teacher-checkpoint") + 1] == f"{seed_dir}/dsc/last.pth"
     assert argv("dsc_pl")[argv("dsc_pl").index("--use-pseudolabels") + 1] == f"{seed_dir}/pseudo"
     assert "--lambda-adv" in argv("fcd") and "--lambda-adv" not in argv("source_only_ft")
     assert argv("fcd")[argv("fcd").index("--seed") + 1] == "1"
-    assert {key: total_iterations(settings, key) for key in ("supervised", "source_only_ft", "fcd", "dsc_pl", "mpl")} == {
-        "supervised": 12, "source_only_ft": 13, "fcd": 13, "dsc_pl": 17, "mpl": 15}
+    assert {key: total_iterations(settings, key) for key in ("supervised", "source_only_ft", "fcd", "dsc_pl", "mpl",
+                                                       "mpl_course")} == {
+        "supervised": 12, "source_only_ft": 13, "fcd": 13, "dsc_pl": 17, "mpl": 15, "mpl_course": 15}
     assert start_iteration(settings, "dsc_pl") == 13 and start_iteration(settings, "source_only") == 0
 
 

@@ -10,9 +10,10 @@ import MPL
 from dataset.labels import NUM_CLASSES
 from model import build_bisenet, build_discriminator, load_bisenet, model_config
 from utils.checkpoint import CHECKPOINT_FORMAT, load_checkpoint_file
-from engine.steps import SOURCE_DOMAIN, domain_loss, main_output, segmentation_loss, set_requires_grad
-from uda.meta_pseudo_labels import (DEFAULT_REFRESH, CourseFeedback, Learner, MPLStep, PhamFeedback, PseudoLabeler, augment_view,
-                       flip_where, pseudo_label_loss, read_thresholds, resolve_mpl_args, running_stats_frozen)
+from engine.steps import SOURCE_DOMAIN, adversarial_step, domain_loss, main_output, segmentation_loss, set_requires_grad
+from uda.meta_pseudo_labels import (DEFAULT_REFRESH, Learner, MPLStep, PseudoLabeler, augment_view, flip_where, pseudo_label_loss,
+                       read_thresholds, resolve_mpl_args)
+from uda.mpl_feedback import CourseFeedback, PhamFeedback, course_coefficient, running_stats_frozen
 from engine.optim import build_optimizer
 from engine.precision import Precision
 from uda.pseudolabel_stats import ConfidenceHistogram, apply_thresholds, softmax_confidence
@@ -51,19 +52,6 @@ def _mpl(feedback, refresh=2, thresholds=None, uda_weight=UDA_WEIGHT):
                    feedback=feedback, precision=Precision("cpu", "off"), lambda_adv=LAMBDA_ADV, uda_weight=uda_weight)
 
 
-class ForcedFeedback(nn.Module):
-    """A feedback whose coefficient is fixed by the test."""
-
-    needs_loss_after = False
-
-    def __init__(self, value):
-        super().__init__()
-        self.value = value
-
-    def forward(self, student_losses, loss_after, student_lr, iteration):
-        return torch.tensor(self.value), {}
-
-
 def _snapshot(module):
     return {name: value.detach().clone() for name, value in module.state_dict().items()}
 
@@ -72,58 +60,123 @@ def _changed(before, module):
     return [name for name, value in module.state_dict().items() if not torch.equal(before[name], value)]
 
 
-def _teacher_gradients_at_step(step, source, target):
-    """Run one MPL step; return the teacher's gradients as its optimizer saw them (the step is skipped)."""
+def _teacher_gradients_at_step(step, source, target, iteration=0):
+    """Run one MPL step; return the teacher's gradients as its optimizer saw them (the step is
+    skipped) and the step's losses."""
     seen = {}
 
     def capture(*args, **kwargs):
         seen.update({name: p.grad.clone() for name, p in step.teacher.model.named_parameters() if p.grad is not None})
 
     step.teacher.optimizer.step = capture
-    step(source[0], source[1], target[0], 0)
-    return seen
+    losses = step(source[0], source[1], target[0], iteration)
+    return seen, losses
+
+
+def _labeled_loss(model, images, labels):
+    """The student's three-head loss in train mode, running statistics untouched (the reference)."""
+    with torch.no_grad(), running_stats_frozen(model):
+        return segmentation_loss(model(images), labels)
 
 
 # ---------------------------------------------------------------------------------- feedback
-def test_pham_h_sign_follows_the_student_labeled_loss_change_and_coefficient_reinforces_on_improvement():
-    feedback = PhamFeedback(baseline_decay=1.0)  # no baseline: h is the raw change
-    before = {"loss_seg": torch.tensor(2.0)}
-    coefficient, logs = feedback(before, torch.tensor(2.5), 0.01, 0)
-    assert logs["mpl_h"].item() == pytest.approx(0.5) and coefficient.item() == pytest.approx(-0.5)
-    coefficient, logs = feedback(before, torch.tensor(1.5), 0.01, 1)
-    assert logs["mpl_h"].item() == pytest.approx(-0.5) and coefficient.item() == pytest.approx(0.5)
+def test_pham_h_is_the_labeled_loss_drop_minus_a_baseline_updated_first():
+    feedback = PhamFeedback(baseline_decay=1.0)  # no baseline: h is the raw drop
+    h, logs = feedback(torch.tensor(2.0), torch.tensor(1.5))
+    assert h.item() == pytest.approx(0.5) and logs["mpl_improvement"].item() == pytest.approx(0.5)
+    h, _ = feedback(torch.tensor(2.0), torch.tensor(2.5))
+    assert h.item() == pytest.approx(-0.5)
 
-    # Baseline as in the official code: updated with the current change, then subtracted.
+    # Baseline as in the official code: updated with the current value, then subtracted.
     feedback = PhamFeedback(baseline_decay=0.9)
-    _, logs = feedback(before, torch.tensor(3.0), 0.01, 0)
-    assert feedback.baseline.item() == pytest.approx(0.1) and logs["mpl_h"].item() == pytest.approx(0.9)
-    _, logs = feedback(before, torch.tensor(1.0), 0.01, 1)  # change -1: baseline 0.9 * 0.1 - 0.1 = -0.01
-    assert feedback.baseline.item() == pytest.approx(-0.01) and logs["mpl_h"].item() == pytest.approx(-0.99)
+    h, _ = feedback(torch.tensor(2.0), torch.tensor(3.0))  # drop -1: baseline 0.1 * -1 = -0.1
+    assert feedback.baseline.item() == pytest.approx(-0.1) and h.item() == pytest.approx(-0.9)
+    h, _ = feedback(torch.tensor(2.0), torch.tensor(1.0))  # drop 1: baseline 0.9 * -0.1 + 0.1 = 0.01
+    assert feedback.baseline.item() == pytest.approx(0.01) and h.item() == pytest.approx(0.99)
 
 
-def test_course_feedback_is_alpha_times_lr_times_target_and_source_losses():
-    feedback = CourseFeedback(ramp_iters=10)
-    losses = {"loss_seg": torch.tensor(2.0), "loss_pseudo": torch.tensor(3.0)}
-    assert feedback(losses, None, 0.1, 0)[0].item() == 0.0  # the student's feedback is ignored at first
-    assert feedback(losses, None, 0.1, 5)[0].item() == pytest.approx(0.5 * 0.1 * 3.0 * 2.0)
-    coefficient, logs = feedback(losses, None, 0.1, 50)
-    assert coefficient.item() == pytest.approx(0.6) and logs["mpl_alpha"].item() == 1.0
+def test_course_coefficient_follows_the_course_schedule_by_epoch():
+    # The course: alpha = exp(epoch / 40) - 1, alpha = 1 / H in epoch 0, alpha = 1 after epoch 25.
+    # Values by hand: exp(1/40) - 1 = 0.0253151205, exp(25/40) - 1 = 0.8682459574.
+    big_h = torch.tensor(0.6)  # student_lr 0.1 x L_pseudo 3 x L_source 2
+    feedback = CourseFeedback(batches_per_epoch=4)
+    expected = {0: 1.0, 3: 1.0, 4: 0.6 * 0.0253151205, 103: 0.6 * 0.8682459574, 104: 0.6, 400: 0.6}
+    for iteration, value in expected.items():
+        coefficient = course_coefficient(feedback.epoch(iteration), big_h)
+        assert coefficient.item() == pytest.approx(value, rel=1e-6), iteration  # float32 H
+    assert [feedback.epoch(i) for i in (0, 3, 4, 103, 104)] == [0, 0, 1, 25, 26]
+    assert course_coefficient(0, torch.tensor(0.0)).item() == 1.0  # 1 / H * H, without the 0 / 0
 
 
-def test_mpl_step_measures_h_on_the_student_labeled_batch_after_its_update():
+def _pseudo_labels_before_the_step(step, target, iteration=0):
+    """The pseudo labels and augmented view a step will use, from copies of its teacher and labeler."""
+    teacher0, labeler0 = copy.deepcopy(step.teacher.model), copy.deepcopy(step.labeler)
+    view, flipped = augment_view(target, step.view_generator(iteration, target.device))
+    outputs = teacher0(torch.cat((target, view)))
+    pseudo = labeler0(outputs[0][:len(target)].detach(), iteration)
+    return teacher0, outputs, pseudo, view, flipped
+
+
+def test_pham_h_scores_the_student_step_on_the_pseudo_labels_alone():
     step = _mpl(PhamFeedback(baseline_decay=1.0))
     source, target = _batch(1), _batch(2, labels=False)
-    before = copy.deepcopy(step.student.model)
+    _, _, pseudo, _, _ = _pseudo_labels_before_the_step(step, target[0])
+    # Reference: a copy of the student takes one plain step of its optimizer on the pseudo labels.
+    student0 = copy.deepcopy(step.student.model)
+    optimizer0 = build_optimizer("sgd", student0.parameters(), 1e-2)
+    loss_before = _labeled_loss(student0, *source)
+    segmentation_loss(student0(target[0]), pseudo).backward()
+    optimizer0.step()
+    loss_after = _labeled_loss(student0, *source)
+
     losses = step(source[0], source[1], target[0], 0)
-    with torch.no_grad():
-        loss_before = segmentation_loss(before(source[0]), source[1])
-        with running_stats_frozen(step.student.model):
-            loss_after = segmentation_loss(step.student.model(source[0]), source[1])
-    assert losses["loss_seg"].item() == pytest.approx(loss_before.item(), rel=1e-5)
-    assert losses["loss_seg_after"].item() == pytest.approx(loss_after.item(), rel=1e-5)
-    assert losses["mpl_h"].item() == pytest.approx(loss_after.item() - loss_before.item(), rel=1e-4, abs=1e-5)
-    assert torch.sign(losses["mpl_h"]) == torch.sign(loss_after - loss_before)
-    assert losses["mpl_coefficient"].item() == pytest.approx(-losses["mpl_h"].item())
+    assert (pseudo != 255).any() and loss_before != loss_after
+    assert losses["mpl_loss_before"].item() == pytest.approx(loss_before.item(), rel=1e-5)
+    assert losses["mpl_loss_after"].item() == pytest.approx(loss_after.item(), rel=1e-5)
+    assert losses["mpl_h"].item() == pytest.approx((loss_before - loss_after).item(), rel=1e-3, abs=1e-6)
+    assert losses["mpl_coefficient"].item() == losses["mpl_h"].item()  # c = h: the derivation's sign
+
+
+def test_pham_h_does_not_depend_on_the_student_source_step(monkeypatch):
+    import uda.mpl_feedback as mpl_feedback
+
+    source, target = _batch(1), _batch(2, labels=False)
+    runs = {}
+    for variant in ("plain", "other lr and data"):
+        step = _mpl(PhamFeedback(baseline_decay=1.0))
+        if variant != "plain":
+            real_step = mpl_feedback.adversarial_step
+
+            def changed_source_step(model, discriminator, optimizer, *args, **kwargs):
+                # Ten times the learning rate, other source images and labels, for the source step only.
+                optimizer.param_groups[0]["lr"] *= 10
+                args = list(args)
+                args[4], args[5] = _batch(7)
+                return real_step(model, discriminator, optimizer, *args, **kwargs)
+
+            monkeypatch.setattr(mpl_feedback, "adversarial_step", changed_source_step)
+        runs[variant] = (step(source[0], source[1], target[0], 0), step.student.model)
+    (plain, student), (changed, student_changed) = runs.values()
+    assert plain["mpl_h"].item() != 0 and torch.equal(plain["mpl_h"], changed["mpl_h"])
+    assert not torch.equal(plain["loss_seg"], changed["loss_seg"])  # the source step did change
+    assert not torch.equal(student.classifier.weight, student_changed.classifier.weight)
+
+
+def test_pham_h_is_zero_and_no_pseudo_label_step_when_every_pixel_is_ignored():
+    # Nothing reaches a threshold of 1.0.
+    step = _mpl(PhamFeedback(baseline_decay=0.5), refresh=0, thresholds=torch.ones(NUM_CLASSES))
+    step.feedback.baseline.fill_(0.3)
+    reference = copy.deepcopy(step.student)
+    source, target = _batch(1), _batch(2, labels=False)
+    losses = step(source[0], source[1], target[0], 0)
+    assert losses["mpl_h"].item() == 0.0 and losses["mpl_coefficient"].item() == 0.0 and losses["pl_kept"].item() == 0.0
+    assert step.feedback.baseline.item() == pytest.approx(0.3) and "loss_pseudo" not in losses
+    # The student took exactly the source + adversarial step, nothing on the pseudo labels.
+    adversarial_step(reference.model, reference.discriminator, reference.optimizer, reference.optimizer_d,
+                     reference.scaler, reference.scaler_d, Precision("cpu", "off"), source[0], source[1], target[0],
+                     None, lambda_adv=LAMBDA_ADV)
+    for name, value in step.student.model.state_dict().items():
+        torch.testing.assert_close(value, reference.model.state_dict()[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_running_stats_frozen_uses_batch_statistics_and_leaves_buffers_alone():
@@ -141,37 +194,47 @@ def test_running_stats_frozen_uses_batch_statistics_and_leaves_buffers_alone():
 
 
 # ---------------------------------------------------------------------------------- teacher
-def test_zero_feedback_mpl_term_adds_no_teacher_gradient_and_one_adds_exactly_its_cross_entropy():
+@pytest.mark.parametrize("rule, iteration", [("pham", 0), ("course", 0), ("course", 1)])
+def test_teacher_gradient_equals_a_hand_built_reference(rule, iteration):
+    """pham: h x CE(main head) + lambda_adv x L_adv; course: alpha x H x CE(three heads) + 1 x L_adv
+    (epoch 0: coefficient 1; epoch 1: (exp(1/40) - 1) x lr x L_pseudo x L_source); both + UDA +
+    the three-head source loss."""
+    feedback = PhamFeedback(baseline_decay=1.0) if rule == "pham" else CourseFeedback(batches_per_epoch=1)
+    step = _mpl(feedback, refresh=3)
     source, target = _batch(1), _batch(2, labels=False)
-    gradients = {}
-    for value in (0.0, 1.0):
-        step = _mpl(ForcedFeedback(value))
-        teacher0, discriminator0, labeler0 = (copy.deepcopy(step.teacher.model), copy.deepcopy(step.teacher.discriminator),
-                                              copy.deepcopy(step.labeler))
-        gradients[value] = _teacher_gradients_at_step(step, source, target)
+    teacher0, outputs, pseudo, _, flipped = _pseudo_labels_before_the_step(step, target[0], iteration)
+    discriminator0 = copy.deepcopy(step.teacher.discriminator)
+    student0 = copy.deepcopy(step.student.model)
+    gradients, losses = _teacher_gradients_at_step(step, source, target, iteration)
 
-    # Reference: the teacher's loss without any MPL term, from the same initial state and view.
     set_requires_grad(discriminator0, False)
-    view, flipped = augment_view(target[0], step.view_generator(0, target[0].device))
-    logits, logits_view = main_output(teacher0(torch.cat((target[0], view)))).split(2)
-    pseudo = labeler0(logits.detach(), 0)
-    mpl_term = pseudo_label_loss(logits, pseudo)
-    other_terms = (UDA_WEIGHT * pseudo_label_loss(logits_view, flip_where(pseudo, flipped))
-                   + LAMBDA_ADV * domain_loss(discriminator0, torch.softmax(logits, 1), SOURCE_DOMAIN)
-                   + segmentation_loss(teacher0(source[0]), source[1]))
-    parameters = [p for _, p in teacher0.named_parameters()]
-    names = [name for name, _ in teacher0.named_parameters()]
-    expected = torch.autograd.grad(other_terms, parameters, retain_graph=True, allow_unused=True)
-    expected_mpl = torch.autograd.grad(mpl_term, parameters, allow_unused=True)
-    assert mpl_term.item() > 0
-    for name, grad, grad_mpl in zip(names, expected, expected_mpl):
-        zero = torch.zeros_like(gradients[0.0][name])
-        torch.testing.assert_close(gradients[0.0][name], zero if grad is None else grad, rtol=1e-4, atol=1e-6)
-        # A difference of two sums: its rounding error scales with the whole gradient, not with the term.
-        scale = gradients[1.0][name].abs().max().item()
-        torch.testing.assert_close(gradients[1.0][name] - gradients[0.0][name], zero if grad_mpl is None else grad_mpl,
-                                   rtol=1e-3, atol=1e-4 * scale + 1e-7)
-    assert any(g is not None and g.abs().sum() > 0 for g in expected_mpl)
+    logits, logits_view = outputs[0].split(2)
+    adversarial = domain_loss(discriminator0, torch.softmax(logits, 1), SOURCE_DOMAIN)
+    if rule == "pham":
+        # h by hand: the drop of the labeled loss over a plain step of a copy on the pseudo labels.
+        optimizer0 = build_optimizer("sgd", student0.parameters(), 1e-2)
+        before = _labeled_loss(student0, *source)
+        segmentation_loss(student0(target[0]), pseudo).backward()
+        optimizer0.step()
+        coefficient = (before - _labeled_loss(student0, *source)).item()
+        target_terms = coefficient * pseudo_label_loss(logits, pseudo) + LAMBDA_ADV * adversarial
+    else:
+        # Epoch 0: 1. Epoch 1: alpha x lr x L_pseudo x L_source, the student's losses before its step.
+        coefficient = 1.0
+        if iteration:
+            loss_source = segmentation_loss(student0(source[0]), source[1])
+            loss_pseudo = segmentation_loss(student0(target[0]), pseudo)
+            coefficient = 0.0253151205 * 1e-2 * (loss_pseudo * loss_source).item()
+        target_terms = coefficient * segmentation_loss([head[:2] for head in outputs], pseudo) + 1.0 * adversarial
+    loss = (target_terms + UDA_WEIGHT * pseudo_label_loss(logits_view, flip_where(pseudo, flipped))
+            + segmentation_loss(teacher0(source[0]), source[1]))
+    assert losses["mpl_coefficient"].item() == pytest.approx(coefficient, rel=1e-3)
+    names, parameters = zip(*teacher0.named_parameters())
+    expected = torch.autograd.grad(loss, parameters, allow_unused=True)
+    for name, grad in zip(names, expected):
+        reference = torch.zeros_like(gradients[name]) if grad is None else grad
+        scale = reference.abs().max().item()
+        torch.testing.assert_close(gradients[name], reference, rtol=1e-3, atol=1e-4 * scale + 1e-7, msg=name)
 
 
 def test_one_mpl_step_updates_teacher_student_and_both_discriminators():
@@ -195,7 +258,8 @@ def test_a_batch_without_confident_pixels_trains_the_student_on_the_source_only(
     source, target = _batch(1), _batch(2, labels=False)
     losses = step(source[0], source[1], target[0], 3)
     assert "loss_pseudo" not in losses and losses["pl_kept"].item() == 0.0 and "t_loss_uda" not in losses
-    assert losses["t_loss_mpl"].item() == 0.0 and losses["mpl_coefficient"].item() == 0.0
+    assert losses["t_loss_mpl"].item() == 0.0 and losses["mpl_H"].item() == 0.0
+    assert losses["mpl_coefficient"].item() == 1.0  # epoch 0 of the course rule
     assert torch.isfinite(losses["t_loss_seg"]) and torch.isfinite(losses["loss_seg"])
 
 
@@ -335,7 +399,7 @@ def test_course_run_checkpoints_both_networks_for_eval(tiny_data_root, teacher_c
     assert not torch.equal(teacher.classifier.weight, student.classifier.weight)
     checkpoint = load_checkpoint_file(run / "last.pth")
     assert checkpoint["discriminator_teacher_config"]["name"] == "fcd"
-    assert set(_losses(run)[0]) >= {"mpl_H", "mpl_alpha", "t_loss_mpl", "t_loss_uda"}
+    assert set(_losses(run)[0]) >= {"mpl_H", "mpl_epoch", "t_loss_mpl", "t_loss_uda"}
 
 
 def test_inconsistent_threshold_flags_are_refused(tmp_path, teacher_checkpoint):
@@ -352,3 +416,7 @@ def test_flag_defaults_resolve_teacher_optimizer_learning_rate_and_threshold_mod
     args = resolve_mpl_args(MPL.get_args(["--output-dir", str(tmp_path), "--teacher-checkpoint", "t.pth",
                                           "--thresholds", "t.json", "--discriminator", "1"]))
     assert args.refresh == 0 and args.discriminator == "dsc"
+    # course: the course's teacher, SGD at 1.25e-2, whatever the student's optimizer.
+    args = resolve_mpl_args(MPL.get_args(["--output-dir", str(tmp_path), "--teacher-checkpoint", "t.pth",
+                                          "--optimizer", "adam", "--learning-rate", "1e-3", "--feedback", "course"]))
+    assert args.teacher_optimizer == "sgd" and args.teacher_learning_rate == pytest.approx(1.25e-2)

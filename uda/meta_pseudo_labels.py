@@ -7,40 +7,19 @@ Labeled data = GTA5 (source), unlabeled data = Cityscapes train (target). One ``
    predictions, thresholded per class by ``PseudoLabeler`` (the median rule of
    ``createpseudolabels.py``, capped at ``MAX_THRESHOLD``), are the pseudo labels; pixels below
    their class threshold are ``IGNORE_INDEX``.
-2. **Student step**: exactly ``engine.steps.adversarial_step`` on the source labels + the target
-   pseudo labels (+ its own discriminator). Its source loss is the student's labeled loss
-   *before* the update, for free.
-3. **Feedback coefficient** ``c`` (a detached scalar), see below.
-4. **Teacher update**: ``lambda_adv * L_adv(T) + c * CE(T(target), pseudo) + w_uda(t) *
+2. **Student step(s) and feedback coefficient** ``c`` (a detached scalar): the rule of
+   ``--feedback`` (``uda.mpl_feedback``: ``pham`` = a step on the pseudo labels alone, scored by
+   its effect on the student's labeled loss, then a source + adversarial step; ``course`` = one
+   source + pseudo-label + adversarial step and the course's ``alpha * H``).
+3. **Teacher update**: ``w_adv * L_adv(T) + c * CE(T(target), pseudo) + w_uda(t) *
    CE(T(aug(target)), aug(pseudo))`` backpropagated through the graph of step 1, then its
-   supervised source loss (three heads, as every segmentation loss of the project).
-5. **Teacher's discriminator** update on its detached source/target softmax maps.
+   supervised source loss (three heads, as every segmentation loss of the project). ``w_adv`` and
+   the heads of the pseudo-label CE are the rule's: ``--lambda-adv`` and the main head for
+   ``pham``; 1 and the three heads for ``course``.
+4. **Teacher's discriminator** update on the teacher's own detached source/target softmax maps.
 
-Feedback (``--feedback``), teacher MPL term = ``c * CE(teacher target logits, its pseudo labels)``:
-
-* ``pham`` (default): ``h = L_after - L_before - b``, the student's labeled (source, three-head)
-  cross-entropy after its update minus before it, minus a moving-average baseline
-  ``b <- decay * b + (1 - decay) * (L_after - L_before)`` (updated first, then subtracted, as in
-  the official code; ``--baseline-decay 1`` keeps ``b = 0``). ``c = -h``.
-
-  Sign: the official code writes ``t_loss_mpl = (new - old) * CE``; the paper's derivation
-  (REINFORCE on the teacher's labels + first-order Taylor of the student's update) gives the
-  teacher gradient ``(old - new) * grad CE`` (a label that lowered the student's labeled loss
-  must become *more* likely, i.e. its CE must go *down*). We keep ``h`` in the official
-  orientation (its sign follows the student's labeled loss change: h > 0 when the loss went up)
-  and apply the derivation's sign: ``c = -h``. Minimising ``c * CE`` therefore makes the teacher
-  reinforce its pseudo labels when the student improved on labeled data (h < 0) and move away
-  from them when the student got worse (h > 0). Taken literally, ``+h * CE`` would do the
-  opposite, which contradicts the derivation.
-* ``course`` (the project report's variant): ``H = student_lr * L_student_target *
-  L_student_source`` (the current learning rate, the student's pseudo-label and source losses
-  of this step, detached), ``c = alpha * H`` with ``alpha`` growing linearly from 0 (student's
-  feedback ignored) to 1 over ``--alpha-ramp-epochs`` (default: the whole run). ``H >= 0``, so
-  this variant always reinforces the teacher's labels, more where the student's losses are
-  high; it is a heuristic, not a meta-gradient.
-
-The UDA consistency term is the teacher's cross-entropy on a photometrically noised, randomly
-flipped view of the target against its (equally flipped) pseudo labels, weighted by
+The UDA consistency term is the teacher's cross-entropy (main head) on a photometrically noised,
+randomly flipped view of the target against its (equally flipped) pseudo labels, weighted by
 ``--uda-weight`` and ramped up linearly over ``--uda-ramp-iters``. The view is made on the device
 from a generator seeded by (seed, iteration, rank), so it is a pure function of the iteration
 and a resumed run draws exactly the same views (the global RNG is not used: the data streams
@@ -52,49 +31,47 @@ current refresh window, the current thresholds, the feedback baseline) lives in 
 ``nn.Module`` that the Trainer checkpoints as a "network" (key ``mpl``).
 
 Cost per iteration, in forward passes F of one batch (a backward ~ 2F): the adversarial step is
-~6F; MPL adds the teacher's forward + backward on 2B target images (~6F), its source forward +
-backward (~3F) and, for ``pham``, one student forward without gradient on the source batch
-(~1F) whose BatchNorm running statistics are left untouched (``running_stats_frozen``). Where
-compute is the bottleneck (the CPU) that is ~16F/6F, measured 2.4-2.9x (``bench/mpl_cost.py``,
-128x256, batch 2, one thread); ``--uda-weight 0`` skips the augmented view (~13F/6F, measured
-2.1-2.3x). Where kernel launches dominate (small inputs on a GPU) the 2B forward costs about as
-much as a B one, which is why the two target views share one forward.
+~6F; MPL adds the teacher's forward + backward on 2B target images (~6F) and its source forward +
+backward (~3F); ``pham`` adds the student's pseudo-label step (~3F) and two no-grad student
+forwards on the source batch (~2F). Where compute is the bottleneck (the CPU) that is ~20F/6F for
+``pham`` and ~15F/6F for ``course``; ``bench/results/mpl_cost_cpu.md`` has the measured ratios.
+``--uda-weight 0`` skips the augmented view (~3F less). Where kernel launches dominate (small
+inputs on a GPU) the 2B forward costs about as much as a B one, which is why the two target
+views share one forward.
 
 Failure handling: every loss is checked (``check_finite``) before the update it feeds; the
 teacher's target terms before anything is updated, its source loss and the feedback after the
 student's step (a non-finite value there stops the run with the student already stepped; the
-checkpoint on disk is untouched). A target batch without a single confident pixel trains the
-student on the source only (``segmentation_loss`` would give 0/0); under torchrun with
-``--discriminator none`` that skips a forward pass on one rank only, so there such a batch would
-desynchronise the ranks. A ``segmentation_loss`` returning 0 for an all-ignored batch would remove
-the special case.
+checkpoint on disk is untouched). When no rank has a single confident target pixel (decided
+across ranks, so every rank takes the same path) the student trains on the source only and the
+pseudo-label term has no weight (``pham``: ``h = 0``, its baseline unchanged).
 """
-import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from dataset.labels import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES, SHORT_NAMES
-from utils.distributed import get_rank, get_world_size, is_distributed
-from engine.steps import (SOURCE_DOMAIN, adversarial_step, check_finite, discriminator_step, domain_loss,
+from utils.distributed import get_rank
+from engine.steps import (SOURCE_DOMAIN, check_finite, discriminator_step, domain_loss,
                           main_output, segmentation_loss, set_requires_grad, unwrap)
+from uda.mpl_feedback import (COURSE_ALPHA_LAST_EPOCH, COURSE_ALPHA_SCALE, COURSE_TEACHER_ADVERSARIAL_WEIGHT,
+                                COURSE_TEACHER_LR, COURSE_TEACHER_OPTIMIZER, DEFAULT_BASELINE_DECAY, FEEDBACKS,
+                                mean_over_ranks)
 from engine.optim import OPTIMIZERS
 from cli.options import non_negative_float, non_negative_int, positive_float, unit_interval
 from uda.pseudolabel_stats import MAX_THRESHOLD, ConfidenceHistogram, apply_thresholds, softmax_confidence
 
-FEEDBACKS = ("pham", "course")
 DEFAULT_REFRESH = 100          # iterations between threshold refreshes
-DEFAULT_BASELINE_DECAY = 0.99  # the official code's moving average of h
 DEFAULT_UDA_WEIGHT = 1.0
 UDA_RAMP_FRACTION = 0.1        # default UDA ramp: the first tenth of the run
-# The teacher is fine-tuned from a trained checkpoint: restarting it at the student's from-scratch
-# learning rate undoes part of its training (synthetic benchmark, 200 iterations: the DSC
-# teacher fell from 16.0 to 12.8 mIoU at 2.5e-2 and rose to 16.6 at 2.5e-3).
+# pham: the teacher is fine-tuned from a trained checkpoint; restarting it at the student's
+# from-scratch learning rate undoes part of its training (synthetic benchmark, 200 iterations: the
+# DSC teacher fell from 16.0 to 12.8 mIoU at 2.5e-2 and rose to 16.6 at 2.5e-3). course: the
+# course's teacher optimizer and rate (COURSE_TEACHER_OPTIMIZER, COURSE_TEACHER_LR).
 TEACHER_LR_DIVISOR = 10
 
 # The augmented view of the UDA term, in units of each image's own standard deviation so that the
@@ -119,12 +96,19 @@ def add_mpl_args(parser):
                        help="student initialisation, the same as --init-from (default: a fresh BiSeNet per "
                             "--context-path/--pretrained)")
     group.add_argument("--feedback", choices=FEEDBACKS, default="pham",
-                       help="pham: h = student's labeled loss after - before its step, minus a moving baseline; "
-                            "course: the report's H = student_lr x L_target x L_source, ramped by alpha(epoch)")
-    group.add_argument("--teacher-optimizer", choices=OPTIMIZERS, default=None, help="teacher optimizer (default: --optimizer)")
+                       help="pham (the MPL paper): the student first steps on the pseudo labels alone; h = its labeled "
+                            "(source) loss before - after that step, minus a moving baseline, weighs the teacher's "
+                            "pseudo-label CE (main head; teacher adversarial weight --lambda-adv); then the student "
+                            "takes its source + adversarial step. course (the course's MPL.py): one source + pseudo-label "
+                            "+ adversarial student step; weight alpha x H, H = student_lr x L_pseudo x L_source, "
+                            f"alpha = exp(epoch/{COURSE_ALPHA_SCALE}) - 1 for epochs 1..{COURSE_ALPHA_LAST_EPOCH}, 1 "
+                            "after, and alpha x H = 1 in epoch 0; three heads in the teacher's pseudo-label CE, "
+                            f"teacher adversarial weight {COURSE_TEACHER_ADVERSARIAL_WEIGHT:g} (uda/mpl_feedback.py)")
+    group.add_argument("--teacher-optimizer", choices=OPTIMIZERS, default=None,
+                       help=f"teacher optimizer (default: --optimizer for pham, {COURSE_TEACHER_OPTIMIZER} for course)")
     group.add_argument("--teacher-learning-rate", type=positive_float, default=None,
-                       help=f"teacher initial learning rate, poly decay (default: --learning-rate / {TEACHER_LR_DIVISOR}: "
-                            f"the teacher is fine-tuned, not trained from scratch)")
+                       help=f"teacher initial learning rate, poly decay (default: pham --learning-rate / "
+                            f"{TEACHER_LR_DIVISOR}, the teacher being fine-tuned; course {COURSE_TEACHER_LR:g}, the course's)")
     group.add_argument("--refresh", type=non_negative_int, default=None,
                        help=f"refresh the per-class thresholds every N iterations from the histogram of the teacher's "
                             f"predictions since the last refresh; 0 = fixed --thresholds (default: {DEFAULT_REFRESH}, "
@@ -137,8 +121,6 @@ def add_mpl_args(parser):
                        help="linear ramp of the UDA weight from 0, in iterations (default: a tenth of the run; 0: none)")
     group.add_argument("--baseline-decay", type=unit_interval, default=DEFAULT_BASELINE_DECAY,
                        help="pham: decay of the moving-average baseline of h (1: no baseline)")
-    group.add_argument("--alpha-ramp-epochs", type=positive_float, default=None,
-                       help="course: epochs over which alpha grows from 0 to 1 (default: the whole run)")
     return group
 
 
@@ -151,20 +133,18 @@ def resolve_mpl_args(args):
                          f"(got --refresh {args.refresh})")
     if not args.thresholds and not args.refresh:
         raise SystemExit("--refresh 0 means fixed thresholds: give them with --thresholds PATH (a thresholds.json)")
+    course = args.feedback == "course"
     if args.teacher_optimizer is None:
-        args.teacher_optimizer = args.optimizer
+        args.teacher_optimizer = COURSE_TEACHER_OPTIMIZER if course else args.optimizer
     if args.teacher_learning_rate is None:
-        args.teacher_learning_rate = args.learning_rate / TEACHER_LR_DIVISOR
+        args.teacher_learning_rate = COURSE_TEACHER_LR if course else args.learning_rate / TEACHER_LR_DIVISOR
     return args
 
 
-def resolve_mpl_schedule(args, batches_per_epoch):
-    """Iteration counts of the ramps, once the run length is known (written back into ``args``)."""
+def resolve_mpl_schedule(args):
+    """The UDA ramp in iterations, once the run length is known (written back into ``args``)."""
     if args.uda_ramp_iters is None:
         args.uda_ramp_iters = max(1, round(UDA_RAMP_FRACTION * args.max_iters))
-    if args.alpha_ramp_epochs is None:
-        args.alpha_ramp_epochs = args.max_iters / batches_per_epoch
-    return max(1, round(args.alpha_ramp_epochs * batches_per_epoch))  # alpha's ramp in iterations
 
 
 def read_thresholds(path, num_classes=NUM_CLASSES):
@@ -299,78 +279,6 @@ def flip_where(tensor, flipped):
     return torch.where(mask, tensor.flip(-1), tensor)
 
 
-@contextlib.contextmanager
-def running_stats_frozen(module):
-    """Train-mode BatchNorm (batch statistics) that leaves the running statistics untouched."""
-    layers = [layer for layer in module.modules()
-              if isinstance(layer, nn.modules.batchnorm._BatchNorm) and layer.track_running_stats]
-    for layer in layers:
-        layer.track_running_stats = False
-    try:
-        yield module
-    finally:
-        for layer in layers:
-            layer.track_running_stats = True
-
-
-# ---------------------------------------------------------------------------- feedback
-def _mean_over_ranks(value):
-    if is_distributed():
-        value = value.clone()
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)
-        value = value / get_world_size()
-    return value
-
-
-class PhamFeedback(nn.Module):
-    """``c = -h``, ``h = (L_after - L_before) - baseline`` (see the module docstring for the sign)."""
-
-    needs_loss_after = True
-
-    def __init__(self, baseline_decay=DEFAULT_BASELINE_DECAY):
-        super().__init__()
-        if not 0.0 <= baseline_decay <= 1.0:
-            raise ValueError(f"baseline_decay must be in [0, 1], got {baseline_decay}")
-        self.decay = baseline_decay
-        self.register_buffer("baseline", torch.zeros((), dtype=torch.float32))
-
-    @torch.no_grad()
-    def forward(self, student_losses, loss_after, student_lr, iteration):
-        # Averaged over ranks: one h for the whole (global) batch, and the same baseline everywhere.
-        change = _mean_over_ranks((loss_after - student_losses["loss_seg"]).float())
-        self.baseline.mul_(self.decay).add_((1.0 - self.decay) * change)
-        h = change - self.baseline
-        return -h, {"mpl_h": h, "mpl_loss_change": change}
-
-
-class CourseFeedback(nn.Module):
-    """``c = alpha(t) * student_lr * L_target * L_source``, alpha linear from 0 to 1 over ``ramp_iters``."""
-
-    needs_loss_after = False
-
-    def __init__(self, ramp_iters):
-        super().__init__()
-        if ramp_iters <= 0:
-            raise ValueError(f"ramp_iters must be positive, got {ramp_iters}")
-        self.ramp_iters = ramp_iters
-
-    def alpha(self, iteration):
-        return min(1.0, iteration / self.ramp_iters)
-
-    @torch.no_grad()
-    def forward(self, student_losses, loss_after, student_lr, iteration):
-        loss_target = student_losses.get("loss_pseudo", torch.zeros_like(student_losses["loss_seg"]))
-        big_h = student_lr * loss_target.float() * student_losses["loss_seg"].float()
-        alpha = self.alpha(iteration)
-        return alpha * big_h, {"mpl_H": big_h, "mpl_alpha": torch.tensor(alpha)}
-
-
-def build_feedback(args, alpha_ramp_iters):
-    if args.feedback == "pham":
-        return PhamFeedback(args.baseline_decay)
-    return CourseFeedback(alpha_ramp_iters)
-
-
 # ---------------------------------------------------------------------------- the step
 @dataclass
 class Learner:
@@ -388,8 +296,8 @@ class Learner:
 class MPLStep:
     """One MPL iteration (see the module docstring); call it with a batch of each domain.
 
-    ``feedback`` is any callable ``(student_losses, loss_after, student_lr, iteration) ->
-    (coefficient, logs)`` with a ``needs_loss_after`` attribute (PhamFeedback, CourseFeedback).
+    ``feedback`` is a rule of ``uda.mpl_feedback`` (``PhamFeedback``, ``CourseFeedback``): it
+    takes the student's step(s) and returns the coefficient of the teacher's pseudo-label term.
     """
 
     def __init__(self, student, teacher, labeler, feedback, precision, lambda_adv, uda_weight=DEFAULT_UDA_WEIGHT,
@@ -408,6 +316,11 @@ class MPLStep:
     def state_module(self):
         """The MPL state a resume needs (threshold histogram/thresholds, feedback baseline)."""
         return nn.ModuleDict({"labeler": self.labeler, "feedback": self.feedback})
+
+    @property
+    def teacher_adversarial_weight(self):
+        weight = self.feedback.teacher_adversarial_weight
+        return self.lambda_adv if weight is None else weight
 
     def uda_weight_at(self, iteration):
         if not self.uda_ramp_iters:
@@ -437,10 +350,13 @@ class MPLStep:
             view, flipped = augment_view(target_images, self.view_generator(iteration, target_images.device))
             inputs = torch.cat((target_images, view))
         with precision.autocast():
-            logits = main_output(teacher.model(inputs)).float()          # [B or 2B, K, H, W]
-        logits, logits_view = logits[:batch], logits[batch:]
+            outputs = teacher.model(inputs)                                # heads of [B or 2B, K, H, W]
+        heads = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+        main = heads[0].float()
+        logits, logits_view = main[:batch], main[batch:]
         pseudo = self.labeler(logits.detach(), iteration)                 # [B, H, W]
-        terms = {"t_loss_mpl": pseudo_label_loss(logits, pseudo)}
+        target_heads = [head[:batch] for head in heads] if self.feedback.teacher_target_all_heads else logits
+        terms = {"t_loss_mpl": segmentation_loss(target_heads, pseudo)}
         if self.uda_weight > 0:
             terms["t_loss_uda"] = pseudo_label_loss(logits_view, flip_where(pseudo, flipped))
         if frozen_discriminator is not None:
@@ -448,31 +364,24 @@ class MPLStep:
             with precision.autocast():
                 terms["t_loss_adv"] = domain_loss(frozen_discriminator, target_probabilities, SOURCE_DOMAIN)
         check_finite(terms)  # before any network is updated
-        kept = (pseudo != IGNORE_INDEX).float().mean()
+        labeled = (pseudo != IGNORE_INDEX).float()
+        kept = labeled.mean()
+        # Decided across ranks, so that every rank runs the same forward and backward passes.
+        any_pseudo = bool(mean_over_ranks(labeled.sum()) > 0)
 
-        # 2. Student: the adversarial step on source labels + target pseudo labels. A batch without
-        # any confident pixel trains on the source only (its pseudo-label CE would be 0/0).
-        student_losses = adversarial_step(
-            student.model, student.discriminator, student.optimizer, student.optimizer_d, student.scaler,
-            student.scaler_d, precision, source_images, source_labels, target_images,
-            pseudo if bool(kept > 0) else None, lambda_adv=self.lambda_adv)
+        # 2. Student step(s) and the coefficient of the teacher's pseudo-label term: the rule's.
+        student_losses, coefficient, feedback_logs = self.feedback.student_step(
+            student, precision, self.lambda_adv, source_images, source_labels, target_images,
+            pseudo if any_pseudo else None, iteration)
 
-        # 3. Feedback. The student's labeled loss after its update, measured like the one before it
-        # (train mode, three heads, same batch) without touching its BatchNorm running statistics.
-        loss_after = None
-        if self.feedback.needs_loss_after:
-            network = unwrap(student.model)
-            with torch.no_grad(), precision.autocast(), running_stats_frozen(network):
-                loss_after = segmentation_loss(network(source_images), source_labels)
-        coefficient, feedback_logs = self.feedback(student_losses, loss_after, student.optimizer.param_groups[0]["lr"], iteration)
-
-        # 4. Teacher update: target terms through the graph of step 1, then its source loss.
+        # 3. Teacher update: target terms through the graph of step 1, then its source loss.
         loss_target = coefficient * terms["t_loss_mpl"]
         if "t_loss_uda" in terms:
             loss_target = loss_target + self.uda_weight_at(iteration) * terms["t_loss_uda"]
         if frozen_discriminator is not None:
-            loss_target = loss_target + self.lambda_adv * terms["t_loss_adv"]
+            loss_target = loss_target + self.teacher_adversarial_weight * terms["t_loss_adv"]
         teacher.scaler.scale(loss_target).backward()
+        del outputs, heads, main, target_heads
         with precision.autocast():
             source_outputs = teacher.model(source_images)
             terms["t_loss_seg"] = segmentation_loss(source_outputs, source_labels)
@@ -483,14 +392,11 @@ class MPLStep:
         teacher.scaler.step(teacher.optimizer)
         teacher.scaler.update()
 
-        # 5. Teacher's discriminator.
+        # 4. Teacher's discriminator, on the teacher's own maps (the course used the student's: a bug).
         if frozen_discriminator is not None:
             terms["t_loss_d"] = discriminator_step(teacher.discriminator, teacher.optimizer_d, teacher.scaler_d,
                                                      precision, source_logits, target_probabilities,
                                                      loss_name="t_loss_d")
 
-        losses = {**student_losses, **{name: value.detach() for name, value in terms.items()},
-                  "mpl_coefficient": coefficient, "pl_kept": kept, **feedback_logs}
-        if loss_after is not None:
-            losses["loss_seg_after"] = loss_after
-        return losses
+        return {**student_losses, **{name: value.detach() for name, value in terms.items()},
+                "mpl_coefficient": coefficient, "pl_kept": kept, **feedback_logs}

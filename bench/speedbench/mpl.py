@@ -14,7 +14,8 @@ from .training import build_training
 def mpl_step_callable(bench, kind):
     """One call = one iteration of ``kind`` (adversarial | pham | course) with the scripts' default
     settings at the training sizes (ImportError when ``uda.meta_pseudo_labels`` cannot be imported)."""
-    from uda.meta_pseudo_labels import CourseFeedback, Learner, MPLStep, PhamFeedback, PseudoLabeler
+    from uda.meta_pseudo_labels import Learner, MPLStep, PseudoLabeler
+    from uda.mpl_feedback import CourseFeedback, PhamFeedback
 
     config = scripts_train_config(bench)
     source, labels, target = bench.train_batch()
@@ -30,7 +31,7 @@ def mpl_step_callable(bench, kind):
         return lambda: adversarial_step(student.model, student.discriminator, student.optimizer, student.optimizer_d,
                                         student.scaler, student.scaler_d, precision, source, labels, target,
                                         lambda_adv=DEFAULT_LAMBDA_ADV)
-    feedback = PhamFeedback() if kind == "pham" else CourseFeedback(ramp_iters=10)
+    feedback = PhamFeedback() if kind == "pham" else CourseFeedback(batches_per_epoch=1000)
     step = MPLStep(learner(), learner(), PseudoLabeler(NUM_CLASSES).to(bench.device), feedback.to(bench.device),
                    precision, lambda_adv=DEFAULT_LAMBDA_ADV)
     counter = iter(range(10 ** 9))
