@@ -32,8 +32,8 @@ from cli.builders import (initial_bisenet, load_initial_bisenet, make_eval_loade
                             resolve_data, source_train_dataset, target_eval_dataset, target_train_dataset,
                             train_stream)
 from utils.distributed import cleanup_distributed, wrap_ddp
-from uda.meta_pseudo_labels import (Learner, MPLStep, PseudoLabeler, add_mpl_args, read_thresholds, resolve_mpl_args,
-                       resolve_mpl_schedule)
+from cli.mpl_options import add_mpl_args, read_thresholds, resolve_mpl_args, resolve_mpl_schedule
+from uda.meta_pseudo_labels import Learner, MPLStep, PseudoLabeler
 from uda.mpl_feedback import build_feedback
 from engine.optim import build_optimizer
 from cli.options import add_data_args, add_model_args, add_runtime_args, add_training_args, make_parser

@@ -19,6 +19,7 @@ from model import build_bisenet, load_bisenet
 from engine.optim import build_optimizer
 from engine.data import BatchStream, eval_loader
 from utils.distributed import configure_batchnorm
+from utils.errors import OptionError
 
 REPORT_SOURCE_SIZE = (720, 1280)   # (height, width), GTA5 as trained in the report
 REPORT_TARGET_SIZE = (512, 1024)   # Cityscapes
@@ -143,7 +144,7 @@ def load_initial_bisenet(path, args, key="model", context_path=None):
     """
     network = load_bisenet(path, key=key, expect_num_classes=args.num_classes, expect_context_path=context_path)
     if network.checkpoint_info["input_convention"] != args.input_convention:
-        raise SystemExit(f"{path} was trained with --input-convention {network.checkpoint_info['input_convention']}; "
+        raise OptionError(f"{path} was trained with --input-convention {network.checkpoint_info['input_convention']}; "
                          f"pass it here too (got {args.input_convention})")
     return network.train()
 

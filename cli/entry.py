@@ -1,31 +1,19 @@
-"""The scripts' entry point: a bad dataset, checkpoint or run ends with one clear paragraph.
+"""The scripts' entry point: a bad dataset, checkpoint, flag or run ends with one clear line.
 
-``run_main(main, get_args)`` parses the command line and calls ``main(args)``. The errors that
-describe a user's input or a run that cannot go on (``DatasetError``, ``CheckpointError``,
-``TrainingError``) print ``error: <message>`` on stderr and exit with ``EXIT_USER_ERROR``
-instead of a traceback; anything else is a bug and keeps its traceback. A second Ctrl-C (the
-trainer's first one saves and stops cleanly) exits with 130 and one line.
+``run_main(main, get_args)`` parses the command line and calls ``main(args)``. Every error that
+describes a user's input or a run that cannot go on is a ``utils.errors.UserError`` (dataset,
+checkpoint, option, training and pseudo-label errors alike): it prints ``error: <message>`` on
+stderr and exits with ``EXIT_USER_ERROR`` instead of a traceback; anything else is a bug and keeps
+its traceback. A second Ctrl-C (the trainer's first one saves and stops cleanly) exits with 130 and
+one line.
 """
 import re
 import sys
 
-from dataset.common import DatasetError
-from utils.checkpoint import CheckpointError
-from engine.trainer import TrainingError
+from utils.errors import UserError
 
 EXIT_USER_ERROR = 2  # as argparse exits on a bad flag
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
-
-
-def user_errors():
-    """The exception types whose message is the whole story for the user."""
-    errors = [DatasetError, CheckpointError, TrainingError]
-    try:  # pseudo-label folders that cannot be resumed or read
-        from uda.pseudolabel_files import PseudoLabelError
-        errors.append(PseudoLabelError)
-    except ImportError:
-        pass
-    return tuple(errors)
 
 # A DataLoader worker's exception comes back as "Caught DatasetError in DataLoader worker process
 # 0.\nOriginal Traceback (most recent call last):\n ... \ndataset.common.DatasetError: <message>".
@@ -46,7 +34,7 @@ def run_main(main, get_args, argv=None):
     args = get_args(argv)
     try:
         return main(args)
-    except user_errors() as error:
+    except UserError as error:
         print(f"error: {error_message(error)}", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_USER_ERROR) from None
     except KeyboardInterrupt:

@@ -19,6 +19,7 @@ from PIL import Image
 from dataset.labels import ID_TO_TRAINID, IGNORE_INDEX, LABELS, LUT_SIZE, NUM_CLASSES
 from dataset.normalization import get_normalization
 from dataset.transforms import ToTensorNormalize
+from utils.errors import UserError
 
 # What PIL raises on missing, truncated or corrupt files (truncated PNGs: OSError; broken chunks:
 # SyntaxError; bad zlib streams: zlib.error or ValueError).
@@ -40,7 +41,7 @@ for _table in (KNOWN_ID, VALID_TRAIN_ID):
     _table.flags.writeable = False
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError, ValueError):
     """A dataset folder, list or file that cannot be used as asked; the message names it."""
 
 

@@ -38,6 +38,7 @@ from utils.logger import git_commit, plain_args, write_json, write_text
 from engine.metrics import scores_to_json
 from engine.optim import poly_lr, set_lr
 from utils.seed import rng_state, set_rng_state
+from utils.errors import UserError
 
 LAST_CHECKPOINT = "last.pth"
 BEST_CHECKPOINT = "best.pth"
@@ -49,7 +50,7 @@ CONFIG_FLAGS = {"context_path": "--context-path", "num_classes": "--num-classes"
                 "input_convention": "--input-convention", "name": "--discriminator"}
 
 
-class TrainingError(RuntimeError):
+class TrainingError(UserError, RuntimeError):
     """The run cannot go on (non-finite loss, too many skipped steps); the message says why."""
 
 

@@ -5,7 +5,6 @@ input's size. ``FCDiscriminator`` is AdaptSegNet's fully convolutional one, with
 attribute names (conv1..conv4, classifier) so its state_dicts are interchangeable;
 ``DSCDiscriminator`` factorises each of its convolutions into depthwise + pointwise.
 """
-import argparse
 
 from torch import nn
 
@@ -73,14 +72,14 @@ DISCRIMINATORS = {"fcd": FCDiscriminator, "dsc": DSCDiscriminator}
 DISCRIMINATOR_CHOICES = (*DISCRIMINATORS, NO_DISCRIMINATOR)
 
 
-class DiscriminatorChoiceError(ValueError, argparse.ArgumentTypeError):
-    """A ValueError that argparse also shows verbatim when raised by a ``type=`` function."""
+class DiscriminatorChoiceError(ValueError):
+    """A name that is no discriminator; the command line turns it into an argparse error."""
 
 
 def resolve_discriminator_name(value):
     """"fcd", "dsc" or "none" from a name or the old numeric codes (0/"0" = fcd, 1/"1" = dsc).
 
-    Usable as an argparse ``type=``.
+    The command line wraps it as an argparse ``type=`` (``uda.adversarial.discriminator_type``).
     """
     if isinstance(value, int) and not isinstance(value, bool):
         value = str(value)

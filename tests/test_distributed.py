@@ -30,6 +30,7 @@ from model import build_bisenet
 from model.loading import bisenet_checkpoint_entry
 from utils.checkpoint import CHECKPOINT_FORMAT, load_checkpoint_file
 from utils.distributed import configure_batchnorm
+from utils.errors import OptionError
 from engine.evaluate import eval_mode
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -227,10 +228,10 @@ def test_sync_bn_options(monkeypatch):
     cpu = torch.device("cpu")
     net = _bn_net()
     assert configure_batchnorm(net, cpu, sync_bn=True) is net  # one process: nothing to synchronise
-    with pytest.raises(SystemExit, match="exclude"):
+    with pytest.raises(OptionError, match="exclude"):
         configure_batchnorm(_bn_net(), cpu, sync_bn=True, freeze_bn=True)
     monkeypatch.setattr("utils.distributed.get_world_size", lambda: 2)
-    with pytest.raises(SystemExit, match="CUDA"):
+    with pytest.raises(OptionError, match="CUDA"):
         configure_batchnorm(_bn_net(), cpu, sync_bn=True)
     import trainUnsupervised
 

@@ -23,6 +23,7 @@ from model import (
     model_config,
     resolve_discriminator_name,
 )
+from uda.adversarial import discriminator_type
 from utils.checkpoint import CHECKPOINT_FORMAT, CheckpointError
 
 torch.set_num_threads(2)
@@ -207,9 +208,9 @@ def test_resolve_discriminator_name():
         build_discriminator("none")
 
 
-def test_resolve_discriminator_name_as_argparse_type(capsys):
+def test_discriminator_names_as_an_argparse_type(capsys):
     parser = argparse.ArgumentParser()
-    parser.add_argument("--discriminator", type=resolve_discriminator_name, default="fcd")
+    parser.add_argument("--discriminator", type=discriminator_type, default="fcd")
     assert parser.parse_args(["--discriminator", "1"]).discriminator == "dsc"
     with pytest.raises(SystemExit):
         parser.parse_args(["--discriminator", "3"])

@@ -11,8 +11,10 @@ from dataset.labels import NUM_CLASSES
 from model import build_bisenet, build_discriminator, load_bisenet, model_config
 from utils.checkpoint import CHECKPOINT_FORMAT, load_checkpoint_file
 from engine.steps import SOURCE_DOMAIN, adversarial_step, domain_loss, main_output, segmentation_loss, set_requires_grad
-from uda.meta_pseudo_labels import (DEFAULT_REFRESH, Learner, MPLStep, PseudoLabeler, augment_view, flip_where, pseudo_label_loss,
-                       read_thresholds, resolve_mpl_args)
+from cli.mpl_options import read_thresholds, resolve_mpl_args
+from uda.meta_pseudo_labels import (DEFAULT_REFRESH, Learner, MPLStep, PseudoLabeler, augment_view, flip_where,
+                                    pseudo_label_loss)
+from utils.errors import OptionError
 from uda.mpl_feedback import CourseFeedback, PhamFeedback, course_coefficient, running_stats_frozen
 from engine.optim import build_optimizer
 from engine.precision import Precision
@@ -310,7 +312,7 @@ def test_fixed_thresholds_and_their_file_formats(tmp_path):
     for bad in ({"thresholds": values[:-1]}, {"thresholds": [2.0] * NUM_CLASSES}, {"mode": "per-image", "thresholds": None}):
         path = tmp_path / "bad.json"
         path.write_text(json.dumps(bad))
-        with pytest.raises(SystemExit):
+        with pytest.raises(OptionError):
             read_thresholds(path)
 
 
@@ -404,7 +406,7 @@ def test_course_run_checkpoints_both_networks_for_eval(tiny_data_root, teacher_c
 
 def test_inconsistent_threshold_flags_are_refused(tmp_path, teacher_checkpoint):
     for flags in (["--refresh", "0"], ["--refresh", "5", "--thresholds", str(tmp_path / "t.json")]):
-        with pytest.raises(SystemExit, match="thresholds"):
+        with pytest.raises(OptionError, match="thresholds"):
             MPL.main(MPL.get_args(["--output-dir", str(tmp_path), "--teacher-checkpoint", str(teacher_checkpoint), *flags]))
 
 

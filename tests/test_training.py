@@ -9,6 +9,7 @@ import trainUnsupervised
 from cli import builders
 from dataset.common import DatasetError
 from utils.checkpoint import load_checkpoint_file
+from utils.errors import OptionError
 
 COMMON = ["--source-size", "64x36", "--target-size", "64x32", "--batch-size", "2", "--workers", "0",
           "--log-every", "1", "--no-progress", "--seed", "3"]
@@ -155,7 +156,7 @@ def test_init_from_refuses_a_checkpoint_of_another_input_convention(tiny_data_ro
     flags = ["--discriminator", "none", "--no-tensorboard", "--max-iters", "1"]
     trainUnsupervised.main(_unsupervised(tiny_data_root, tmp_path / "first", *flags))
     checkpoint = tmp_path / "first" / "last.pth"
-    with pytest.raises(SystemExit, match="input-convention"):
+    with pytest.raises(OptionError, match="input-convention"):
         trainUnsupervised.main(_unsupervised(tiny_data_root, tmp_path / "tuned", *flags, "--init-from", str(checkpoint),
                                              "--input-convention", "course"))
     assert not (tmp_path / "tuned" / "last.pth").exists()

@@ -17,6 +17,7 @@ from dataset.labels import CLASS_NAMES, NUM_CLASSES, flat_palette
 from dataset.paths import PSEUDO_COLOR_DIR, PSEUDO_LABEL_SUFFIX, THRESHOLDS_FILE, pseudo_color_path, pseudo_label_path
 from uda.pseudolabel_stats import HISTOGRAM_FORMAT
 from utils.checkpoint import CheckpointError, atomic_write, load_checkpoint_file
+from utils.errors import UserError
 
 # Files of a pseudo-label folder besides the labels (the loader's names are in dataset.paths).
 QUALITY_FILE = "quality.json"
@@ -28,7 +29,7 @@ DEFAULT_WRITER_THREADS = 2  # PNG encoding releases the GIL: overlap it with inf
 PENDING_WRITES_PER_THREAD = 4  # bounds the labels waiting in memory to be written
 
 
-class PseudoLabelError(ValueError):
+class PseudoLabelError(UserError, ValueError):
     """An output folder or input that cannot be used as asked; the message names the file."""
 
 

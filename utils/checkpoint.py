@@ -13,12 +13,13 @@ import torch
 # The generic atomic write lives in the leaf module utils.files; it is re-exported here because
 # callers write checkpoints and reports through utils.checkpoint.
 from utils.files import atomic_write, remove_stale_temporaries  # noqa: F401
+from utils.errors import UserError
 
 CHECKPOINT_FORMAT = "uda-bisenet/1"
 _TORCH_MAGIC = (b"PK\x03\x04", b"\x80")  # how torch.save's zip archive and the legacy pickle format begin
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A file that cannot be used as the checkpoint the caller asked for."""
 
 

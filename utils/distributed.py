@@ -14,6 +14,7 @@ import types
 import torch
 import torch.distributed as dist
 from torch import nn
+from utils.errors import OptionError
 
 
 def is_distributed():
@@ -92,7 +93,7 @@ def resolve_device(device_arg="auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device_arg)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {device_arg}: CUDA is not available on this machine; use --device cpu")
+        raise OptionError(f"--device {device_arg}: CUDA is not available on this machine; use --device cpu")
     return device
 
 
@@ -168,7 +169,7 @@ def configure_batchnorm(module, device, sync_bn=False, freeze_bn=False):
     State-dict keys are unchanged either way, so checkpoints load with or without the flags.
     """
     if sync_bn and freeze_bn:
-        raise SystemExit("--sync-bn and --freeze-bn exclude each other: frozen BatchNorm layers compute no "
+        raise OptionError("--sync-bn and --freeze-bn exclude each other: frozen BatchNorm layers compute no "
                          "batch statistics to synchronise")
     if freeze_bn:
         for layer in module.modules():
@@ -177,7 +178,7 @@ def configure_batchnorm(module, device, sync_bn=False, freeze_bn=False):
                 layer.eval()
     if sync_bn and get_world_size() > 1:
         if device.type != "cuda":
-            raise SystemExit("--sync-bn needs CUDA devices: PyTorch's SyncBatchNorm does not run on the CPU "
+            raise OptionError("--sync-bn needs CUDA devices: PyTorch's SyncBatchNorm does not run on the CPU "
                              "(gloo). Drop the flag (per-process BatchNorm) or use --freeze-bn")
         module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
     return module
