@@ -23,7 +23,7 @@ from utils import checkpoint as checkpoint_module
 from utils.checkpoint import CHECKPOINT_FORMAT, atomic_torch_save, load_checkpoint_file
 from utils.cli import EXIT_USER_ERROR, run_main
 from utils.data import BatchStream
-from utils.engine import NonFiniteLossError
+from utils.engine import NonFiniteLossError, check_finite
 from utils.trainer import MAX_CONSECUTIVE_SKIPPED, Trainer, TrainingError
 
 TINY = TINY_RUN  # one thread per subprocess, --workers 0, tiny sizes
@@ -63,10 +63,10 @@ class _Numbers(torch.utils.data.Dataset):
         return {"x": torch.full((2,), float(index))}
 
 
-def tiny_trainer(output_dir, step_fn, max_iters=6, checkpoint_every=2, fp16_skipping=False):
+def tiny_trainer(output_dir, step_fn, max_iters=6, checkpoint_every=2, fp16_skipping=False, network=None):
     """The real Trainer around a 2x2 linear layer: loop, checkpoints and signals without a BiSeNet."""
     torch.manual_seed(0)
-    network = nn.Linear(2, 2)
+    network = nn.Linear(2, 2) if network is None else network
     optimizer = torch.optim.SGD(network.parameters(), lr=0.1)
 
     def step(batches, iteration):
@@ -159,6 +159,33 @@ def test_fp16_skips_non_finite_steps_counts_them_and_stops_after_too_many_in_a_r
                                             rf"\(last at iteration {3 + MAX_CONSECUTIVE_SKIPPED}\); stopping"):
         trainer.run()
     assert load_checkpoint_file(tmp_path / "many" / "last.pth")["iteration"] <= 3 + MAX_CONSECUTIVE_SKIPPED
+
+
+def test_a_skipped_step_leaves_the_batchnorm_statistics_as_they_were(tmp_path):
+    """The fp16 loop goes on after a refused step: with the statistics of before it, not with those
+    of the non-finite forward (which would be NaN here, and poison every later step)."""
+    states = {}
+
+    def step(network, optimizer, x, iteration):
+        states[iteration] = {name: value.clone() for name, value in network.state_dict().items()}
+        if iteration == 2:
+            x = torch.full_like(x, float("nan"))
+        optimizer.zero_grad()
+        loss = network(x).pow(2).mean()
+        check_finite({"loss": loss})
+        loss.backward()
+        optimizer.step()
+        return {"loss": loss.detach()}
+
+    network = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    trainer = tiny_trainer(tmp_path, step, max_iters=4, fp16_skipping=True, network=network)
+    trainer.run()
+    assert trainer.skipped_steps == 1
+    assert states[2].keys() == states[3].keys()
+    for name, value in states[2].items():
+        assert torch.equal(states[3][name], value), name  # nothing of the refused step remains
+    assert not torch.equal(states[1]["1.running_mean"], states[2]["1.running_mean"])  # a real step moves them
+    assert all(torch.isfinite(value).all() for value in network.state_dict().values())
 
 
 # ----------------------------------------------------------------------------------- signals (subprocesses)
