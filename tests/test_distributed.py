@@ -26,6 +26,7 @@ from PIL import Image
 import createpseudolabels
 import eval as eval_script
 from tests.distributed_worker import run as run_training
+from tests.helpers import losses
 from model import build_bisenet
 from model.loading import bisenet_checkpoint_entry
 from utils.checkpoint import CHECKPOINT_FORMAT, load_checkpoint_file
@@ -65,10 +66,6 @@ def torchrun(*args, nproc=2):
     return result.stdout
 
 
-def _losses(run_dir):
-    return [json.loads(line) for line in (run_dir / "losses.jsonl").read_text().splitlines()]
-
-
 def assert_same_weights(expected, got, what):
     for network in ("model", "discriminator"):
         assert expected[network].keys() == got[network].keys()
@@ -103,7 +100,7 @@ def test_one_step_on_two_processes_equals_one_process_with_the_double_batch(runs
     assert_same_weights(load_checkpoint_file(runs["one"] / "step1.pth"), load_checkpoint_file(runs["two"] / "step1.pth"),
                         "after one step")
     # Logged losses are means over the ranks, i.e. the losses of the global batch.
-    for single, distributed in zip(_losses(runs["one"])[:STOP_AT], _losses(runs["two"]), strict=True):
+    for single, distributed in zip(losses(runs["one"])[:STOP_AT], losses(runs["two"]), strict=True):
         assert single.keys() == distributed.keys() and single["iteration"] == distributed["iteration"]
         for key in single:
             assert single[key] == pytest.approx(distributed[key], rel=1e-5, abs=1e-7), key
@@ -117,7 +114,7 @@ def test_checkpoint_of_two_processes_resumes_on_one_and_finishes(runs):
     final = load_checkpoint_file(runs["resumed"] / "last.pth")
     assert final["iteration"] == MAX_ITERS and final["world_size"] == 1
     assert_same_weights(load_checkpoint_file(runs["one"] / "last.pth"), final, "resumed run at the end")
-    assert [entry["iteration"] for entry in _losses(runs["resumed"])] == list(range(1, MAX_ITERS + 1))
+    assert [entry["iteration"] for entry in losses(runs["resumed"])] == list(range(1, MAX_ITERS + 1))
 
 
 def test_only_rank_zero_prints_and_writes(runs):
@@ -125,7 +122,7 @@ def test_only_rank_zero_prints_and_writes(runs):
     assert sum(line.startswith("[run]") for line in lines) == 1 and "x 2 processes" in runs["stdout"]
     info = json.loads((runs["two"] / "run_info.json").read_text())
     assert info["world_size"] == 2
-    assert [entry["iteration"] for entry in _losses(runs["two"])] == list(range(1, STOP_AT + 1))
+    assert [entry["iteration"] for entry in losses(runs["two"])] == list(range(1, STOP_AT + 1))
 
 
 def _files(root):

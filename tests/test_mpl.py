@@ -9,6 +9,7 @@ from torch import nn
 import MPL
 from dataset.labels import NUM_CLASSES
 from model import build_bisenet, build_discriminator, load_bisenet, model_config
+from tests.helpers import StopTraining, losses, stop_after, tiny_run
 from utils.checkpoint import CHECKPOINT_FORMAT, load_checkpoint_file
 from utils.engine import SOURCE_DOMAIN, domain_loss, main_output, segmentation_loss, set_requires_grad
 from utils.mpl import (DEFAULT_REFRESH, CourseFeedback, Learner, MPLStep, PhamFeedback, PseudoLabeler, augment_view,
@@ -101,7 +102,7 @@ def test_pham_h_sign_follows_the_student_labeled_loss_change_and_coefficient_rei
     assert feedback.baseline.item() == pytest.approx(-0.01) and logs["mpl_h"].item() == pytest.approx(-0.99)
 
 
-def test_course_feedback_is_alpha_times_lr_times_target_and_source_losses():
+def test_course_feedback_is_alpha_times_lr_times_target_and_sourcelosses():
     feedback = CourseFeedback(ramp_iters=10)
     losses = {"loss_seg": torch.tensor(2.0), "loss_pseudo": torch.tensor(3.0)}
     assert feedback(losses, None, 0.1, 0)[0].item() == 0.0  # the student's feedback is ignored at first
@@ -268,8 +269,6 @@ def test_augmented_view_is_a_pure_function_of_the_iteration_and_flips_consistent
 
 
 # ---------------------------------------------------------------------------------- the script
-COMMON = ["--source-size", "64x36", "--target-size", "64x32", "--batch-size", "2", "--workers", "0",
-          "--log-every", "1", "--no-progress", "--seed", "3", "--no-tensorboard"]
 
 
 @pytest.fixture(scope="module")
@@ -283,11 +282,7 @@ def teacher_checkpoint(tmp_path_factory):
 
 def _args(data_root, output_dir, teacher, *extra):
     return MPL.get_args(["--data-root", str(data_root), "--output-dir", str(output_dir), "--teacher-checkpoint",
-                         str(teacher), *COMMON, *extra])
-
-
-def _losses(run_dir):
-    return [json.loads(line) for line in (run_dir / "losses.jsonl").read_text().splitlines()]
+                         str(teacher), *tiny_run(*extra)])
 
 
 def test_resumed_mpl_run_equals_uninterrupted(tiny_data_root, teacher_checkpoint, tmp_path):
@@ -296,24 +291,12 @@ def test_resumed_mpl_run_equals_uninterrupted(tiny_data_root, teacher_checkpoint
     straight = tmp_path / "straight"
     MPL.main(_args(tiny_data_root, straight, teacher_checkpoint, *flags))
     split = tmp_path / "split"
-    trainer_cls = MPL.Trainer
-
-    class StopAtTwo(trainer_cls):
-        def save(self, filename):
-            super().save(filename)
-            if filename == "last.pth" and self.iteration == 2:
-                raise KeyboardInterrupt
-
-    MPL.Trainer = StopAtTwo
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            MPL.main(_args(tiny_data_root, split, teacher_checkpoint, *flags))
-    finally:
-        MPL.Trainer = trainer_cls
+    with stop_after(MPL, 2), pytest.raises(StopTraining):
+        MPL.main(_args(tiny_data_root, split, teacher_checkpoint, *flags))
     assert load_checkpoint_file(split / "last.pth")["iteration"] == 2
     MPL.main(_args(tiny_data_root, split, teacher_checkpoint, *flags, "--resume", str(split / "last.pth")))
 
-    assert _losses(split) == _losses(straight)
+    assert losses(split) == losses(straight)
     final_straight, final_split = load_checkpoint_file(straight / "last.pth"), load_checkpoint_file(split / "last.pth")
     for network in ("model", "teacher", "discriminator", "discriminator_teacher", "mpl"):
         for key, value in final_straight[network].items():
@@ -335,7 +318,7 @@ def test_course_run_checkpoints_both_networks_for_eval(tiny_data_root, teacher_c
     assert not torch.equal(teacher.classifier.weight, student.classifier.weight)
     checkpoint = load_checkpoint_file(run / "last.pth")
     assert checkpoint["discriminator_teacher_config"]["name"] == "fcd"
-    assert set(_losses(run)[0]) >= {"mpl_H", "mpl_alpha", "t_loss_mpl", "t_loss_uda"}
+    assert set(losses(run)[0]) >= {"mpl_H", "mpl_alpha", "t_loss_mpl", "t_loss_uda"}
 
 
 def test_inconsistent_threshold_flags_are_refused(tmp_path, teacher_checkpoint):
