@@ -34,6 +34,11 @@ def folder_digest(folder, exclude=()):
             for p in sorted(folder.rglob("*")) if p.is_file() and p.name not in exclude}
 
 
+def temporaries(folder):
+    """Names of the temporary files an interrupted atomic write leaves (``.NAME.XXXX.tmp``)."""
+    return sorted(p.name for p in Path(folder).rglob(".*.tmp"))
+
+
 def truncate(path, keep=0.5):
     """Cut a file to the first ``keep`` fraction of its bytes (a download or copy that died)."""
     content = Path(path).read_bytes()

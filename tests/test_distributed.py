@@ -33,6 +33,9 @@ from utils.checkpoint import CHECKPOINT_FORMAT, load_checkpoint_file
 from utils.distributed import configure_batchnorm
 from utils.evaluate import eval_mode
 
+# Every test here launches torchrun or whole scripts.
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "distributed_worker.py"
 TORCHRUN_TIMEOUT_S = 240

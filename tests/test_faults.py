@@ -1,4 +1,5 @@
-"""Faults: a crash inside a checkpoint write, SIGTERM, SIGKILL + --resume, non-finite losses.
+"""Faults through the real scripts: a non-finite loss, SIGTERM, SIGKILL + --resume, a killed
+pseudo-label run (the trainer's own fault handling on a toy network is in test_trainer.py).
 
 The signal tests run the real scripts as subprocesses on the CPU (one thread, --workers 0, tiny
 sizes) and compare with an uninterrupted run of the same command: on the CPU a resumed run must
@@ -6,109 +7,23 @@ reach exactly the same weights, and a resumed pseudo-label run exactly the same 
 """
 import os
 import signal
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from torch import nn
 
 import trainUnsupervised
 from dataset.labels import NUM_CLASSES
 from model.bisenet import BiSeNet
 from model.loading import bisenet_checkpoint_entry
 from tests.conftest import write_tiny_tree
-from tests.helpers import TINY_RUN, finish, folder_digest, start_script
-from utils import checkpoint as checkpoint_module
+from tests.helpers import TINY_RUN, finish, folder_digest, start_script, temporaries
 from utils.checkpoint import CHECKPOINT_FORMAT, atomic_torch_save, load_checkpoint_file
 from utils.cli import EXIT_USER_ERROR, run_main
-from utils.data import BatchStream
-from utils.engine import NonFiniteLossError, check_finite
-from utils.trainer import MAX_CONSECUTIVE_SKIPPED, Trainer, TrainingError
 
 TINY = TINY_RUN  # one thread per subprocess, --workers 0, tiny sizes
 MAX_ITERS = 8
 SCHEDULE = ["--max-iters", str(MAX_ITERS), "--checkpoint-every", "2", "--val-every", "4"]
-
-
-def temporaries(folder):
-    return sorted(p.name for p in Path(folder).rglob(".*.tmp"))
-
-
-# ----------------------------------------------------------------------------------- atomic writes
-def test_crash_between_write_and_rename_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
-    path = tmp_path / "last.pth"
-    atomic_torch_save({"format": CHECKPOINT_FORMAT, "iteration": 4, "w": torch.arange(5.0)}, path)
-    before = path.read_bytes()
-
-    def crash(source, destination):
-        assert Path(source).is_file() and Path(source).parent == path.parent  # written next to it, complete
-        assert torch.load(source, weights_only=True)["iteration"] == 6
-        raise OSError("simulated crash between write and rename")
-
-    monkeypatch.setattr(checkpoint_module.os, "replace", crash)
-    with pytest.raises(OSError, match="simulated crash"):
-        atomic_torch_save({"format": CHECKPOINT_FORMAT, "iteration": 6, "w": torch.zeros(5)}, path)
-    monkeypatch.undo()
-    assert path.read_bytes() == before
-    assert load_checkpoint_file(path)["iteration"] == 4
-    assert temporaries(tmp_path) == []
-
-
-class _Numbers(torch.utils.data.Dataset):
-    def __len__(self):
-        return 8
-
-    def __getitem__(self, index):
-        return {"x": torch.full((2,), float(index))}
-
-
-def tiny_trainer(output_dir, step_fn, max_iters=6, checkpoint_every=2, fp16_skipping=False, network=None):
-    """The real Trainer around a 2x2 linear layer: loop, checkpoints and signals without a BiSeNet."""
-    torch.manual_seed(0)
-    network = nn.Linear(2, 2) if network is None else network
-    optimizer = torch.optim.SGD(network.parameters(), lr=0.1)
-
-    def step(batches, iteration):
-        return step_fn(network, optimizer, batches["numbers"]["x"], iteration)
-
-    return Trainer(args=SimpleNamespace(seed=0), output_dir=output_dir, device=torch.device("cpu"),
-                   networks={"model": network}, optimizers={"model": (optimizer, 0.1)}, scalers={},
-                   streams={"numbers": BatchStream(_Numbers(), 2)}, step_fn=step, max_iters=max_iters,
-                   checkpoint_every=checkpoint_every, fp16_skipping=fp16_skipping)
-
-
-def _sgd_step(network, optimizer, x, iteration):
-    optimizer.zero_grad()
-    loss = network(x).pow(2).mean()
-    loss.backward()
-    optimizer.step()
-    return {"loss": loss.detach()}
-
-
-def test_trainer_save_crash_keeps_the_last_checkpoint_and_a_killed_save_is_cleaned_up(tmp_path, monkeypatch):
-    saves = []
-    real_replace = os.replace
-
-    def replace_then_crash(source, destination):
-        saves.append(Path(destination).name)
-        if len(saves) == 2:
-            raise OSError("simulated crash between write and rename")
-        real_replace(source, destination)
-
-    monkeypatch.setattr(checkpoint_module.os, "replace", replace_then_crash)
-    with pytest.raises(OSError, match="simulated crash"):
-        tiny_trainer(tmp_path, _sgd_step).run()
-    monkeypatch.undo()
-    assert load_checkpoint_file(tmp_path / "last.pth")["iteration"] == 2 and temporaries(tmp_path) == []
-
-    # A SIGKILL between write and rename leaves the temporary behind: the next run removes it.
-    stale = tmp_path / ".last.pth.k1ll3d.tmp"
-    stale.write_bytes(b"half a checkpoint")
-    trainer = tiny_trainer(tmp_path, _sgd_step)
-    trainer.resume(tmp_path / "last.pth")
-    trainer.run()
-    assert not stale.exists() and load_checkpoint_file(tmp_path / "last.pth")["iteration"] == 6
 
 
 # ----------------------------------------------------------------------------------- non-finite losses
@@ -138,54 +53,6 @@ def test_non_finite_loss_names_iteration_and_term_and_keeps_the_last_checkpoint(
     checkpoint = load_checkpoint_file(run / "last.pth")
     assert checkpoint["iteration"] == 2
     assert all(torch.isfinite(value).all() for value in checkpoint["model"].values() if value.is_floating_point())
-
-
-def test_fp16_skips_non_finite_steps_counts_them_and_stops_after_too_many_in_a_row(tmp_path):
-    def nan_at(iterations):
-        def step(network, optimizer, x, iteration):
-            if iteration in iterations:
-                raise NonFiniteLossError(["loss_seg"])
-            return _sgd_step(network, optimizer, x, iteration)
-        return step
-
-    trainer = tiny_trainer(tmp_path / "some", nan_at({1, 2, 4}), fp16_skipping=True)
-    trainer.run()
-    assert trainer.skipped_steps == 3 and trainer.iteration == 6
-    assert load_checkpoint_file(tmp_path / "some" / "last.pth")["skipped_steps"] == 3
-
-    trainer = tiny_trainer(tmp_path / "many", nan_at(set(range(3, 100))), max_iters=100, checkpoint_every=2,
-                           fp16_skipping=True)
-    with pytest.raises(TrainingError, match=rf"{MAX_CONSECUTIVE_SKIPPED + 1} steps in a row had non-finite losses "
-                                            rf"\(last at iteration {3 + MAX_CONSECUTIVE_SKIPPED}\); stopping"):
-        trainer.run()
-    assert load_checkpoint_file(tmp_path / "many" / "last.pth")["iteration"] <= 3 + MAX_CONSECUTIVE_SKIPPED
-
-
-def test_a_skipped_step_leaves_the_batchnorm_statistics_as_they_were(tmp_path):
-    """The fp16 loop goes on after a refused step: with the statistics of before it, not with those
-    of the non-finite forward (which would be NaN here, and poison every later step)."""
-    states = {}
-
-    def step(network, optimizer, x, iteration):
-        states[iteration] = {name: value.clone() for name, value in network.state_dict().items()}
-        if iteration == 2:
-            x = torch.full_like(x, float("nan"))
-        optimizer.zero_grad()
-        loss = network(x).pow(2).mean()
-        check_finite({"loss": loss})
-        loss.backward()
-        optimizer.step()
-        return {"loss": loss.detach()}
-
-    network = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
-    trainer = tiny_trainer(tmp_path, step, max_iters=4, fp16_skipping=True, network=network)
-    trainer.run()
-    assert trainer.skipped_steps == 1
-    assert states[2].keys() == states[3].keys()
-    for name, value in states[2].items():
-        assert torch.equal(states[3][name], value), name  # nothing of the refused step remains
-    assert not torch.equal(states[1]["1.running_mean"], states[2]["1.running_mean"])  # a real step moves them
-    assert all(torch.isfinite(value).all() for value in network.state_dict().values())
 
 
 # ----------------------------------------------------------------------------------- signals (subprocesses)

@@ -142,6 +142,7 @@ def test_running_stats_frozen_uses_batch_statistics_and_leaves_buffers_alone():
 
 
 # ---------------------------------------------------------------------------------- teacher
+@pytest.mark.slow
 def test_zero_feedback_mpl_term_adds_no_teacher_gradient_and_one_adds_exactly_its_cross_entropy():
     source, target = _batch(1), _batch(2, labels=False)
     gradients = {}
@@ -285,6 +286,7 @@ def _args(data_root, output_dir, teacher, *extra):
                          str(teacher), *tiny_run(*extra)])
 
 
+@pytest.mark.slow
 def test_resumed_mpl_run_equals_uninterrupted(tiny_data_root, teacher_checkpoint, tmp_path):
     # --refresh 3: the checkpoint at iteration 2 must carry the histogram of iterations 1-2.
     flags = ["--max-iters", "4", "--val-every", "2", "--refresh", "3", "--baseline-decay", "0.5"]
@@ -306,6 +308,7 @@ def test_resumed_mpl_run_equals_uninterrupted(tiny_data_root, teacher_checkpoint
     assert final_straight["mpl"]["feedback.baseline"] != 0
 
 
+@pytest.mark.slow
 def test_course_run_checkpoints_both_networks_for_eval(tiny_data_root, teacher_checkpoint, tmp_path):
     run = tmp_path / "course"
     trainer = MPL.main(_args(tiny_data_root, run, teacher_checkpoint, "--feedback", "course", "--discriminator", "0",

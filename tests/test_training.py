@@ -19,6 +19,7 @@ def _unsupervised(data_root, output_dir, *extra):
                                        *tiny_run(*extra, tensorboard=True)])
 
 
+@pytest.mark.slow
 def test_resumed_adversarial_run_equals_uninterrupted(tiny_data_root, tmp_path):
     straight = tmp_path / "straight"
     trainUnsupervised.main(_unsupervised(tiny_data_root, straight, "--max-iters", "4", "--val-every", "2", "--no-tensorboard"))
@@ -38,6 +39,7 @@ def test_resumed_adversarial_run_equals_uninterrupted(tiny_data_root, tmp_path):
     assert final_straight["history"] == final_split["history"]
 
 
+@pytest.mark.slow
 def test_validation_does_not_change_the_training(tiny_data_root, tmp_path):
     """The demo validates less often than it used to; the scores of a stage must not depend on how
     often: a validation draws nothing from the training streams' generators or the global RNG."""
@@ -54,6 +56,7 @@ def test_validation_does_not_change_the_training(tiny_data_root, tmp_path):
             assert torch.equal(value, rarely[network][key]), f"{network}.{key} depends on the validation cadence"
 
 
+@pytest.mark.slow
 def test_source_only_builds_no_discriminator_and_writes_run_files(tiny_data_root, tmp_path):
     run = tmp_path / "source_only"
     trainer = trainUnsupervised.main(_unsupervised(tiny_data_root, run, "--discriminator", "none", "--max-iters", "2", "--no-tensorboard"))
@@ -92,6 +95,7 @@ def test_missing_dataset_fails_before_any_model_is_built(tmp_path, monkeypatch):
         trainUnsupervised.main(trainUnsupervised.get_args(["--data-root", str(empty), "--output-dir", str(tmp_path / "run")]))
 
 
+@pytest.mark.slow
 def test_adversarial_training_writes_readable_tensorboard_scalars(tiny_data_root, tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -106,6 +110,7 @@ def test_adversarial_training_writes_readable_tensorboard_scalars(tiny_data_root
     assert accumulator.Tags()["images"]
 
 
+@pytest.mark.slow
 def test_supervised_training_lowers_the_loss(tiny_data_root, tmp_path):
     run = tmp_path / "supervised"
     trainSupervised.main(trainSupervised.get_args([
@@ -121,6 +126,7 @@ def _conv_weights(path):
     return {key: value for key, value in state.items() if value.dtype.is_floating_point and value.dim() == 4}
 
 
+@pytest.mark.slow
 def test_init_from_fine_tunes_from_the_checkpoint_weights(tiny_data_root, tmp_path):
     flags = ["--discriminator", "none", "--no-tensorboard"]
     trainUnsupervised.main(_unsupervised(tiny_data_root, tmp_path / "first", *flags, "--max-iters", "2"))
@@ -136,6 +142,7 @@ def test_init_from_fine_tunes_from_the_checkpoint_weights(tiny_data_root, tmp_pa
     assert load_checkpoint_file(tmp_path / "tuned" / "last.pth")["iteration"] == 1
 
 
+@pytest.mark.slow
 def test_init_from_refuses_a_checkpoint_of_another_input_convention(tiny_data_root, tmp_path):
     flags = ["--discriminator", "none", "--no-tensorboard", "--max-iters", "1"]
     trainUnsupervised.main(_unsupervised(tiny_data_root, tmp_path / "first", *flags))
