@@ -8,6 +8,8 @@ from utils.optim import build_optimizer, poly_lr
 from utils.precision import Precision
 
 SIZE = (64, 64)
+# Two threads per process on two shared cores spin against each other; one is several times faster.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _batch(seed, batch=2, labels=True):

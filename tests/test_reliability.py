@@ -186,6 +186,7 @@ def test_unreadable_sample_mid_run_names_the_file_and_keeps_the_checkpoints(data
     assert folder_digest(trained_run, exclude={"run_info.json"}) == before
 
 
+@pytest.mark.slow
 def test_skip_bad_skips_counts_in_workers_and_reports_at_the_end(data, tmp_path, capsys):
     truncate(data / "GTA5" / "images" / "00003.png")
     truncate(data / "Cityscapes" / "leftImg8bit" / "train" / "city" / "city_000002_000019_leftImg8bit.png")
@@ -427,6 +428,7 @@ def _audit(event, args):
         _written.extend(os.fsdecode(arg) for arg in args[:2] if isinstance(arg, (str, bytes, os.PathLike)))
 
 
+@pytest.mark.slow
 def test_training_and_evaluation_write_only_in_their_folders(data, tmp_path, monkeypatch, capsys):
     global _written
     sys.addaudithook(_audit)
