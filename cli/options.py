@@ -110,7 +110,8 @@ def add_runtime_args(parser):
     group = parser.add_argument_group("runtime")
     group.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
     group.add_argument("--amp", choices=AMP_CHOICES, default="auto",
-                       help="mixed precision: auto = bf16 (or fp16 + loss scaling) on CUDA, off on the CPU")
+                       help="mixed precision: auto = bf16 (or fp16 + loss scaling) on CUDA, off on the CPU "
+                            "(bf16 also runs on the CPU, fp16 needs CUDA)")
     group.add_argument("--channels-last", default="auto", choices=("auto", "on", "off"),
                        help="channels_last memory format (auto: on for CUDA and the CPU)")
     group.add_argument("--compile", default="off", choices=("auto", "on", "off"),

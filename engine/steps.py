@@ -3,6 +3,8 @@
 Each step takes already-collated batches on the device and returns a dict of detached loss
 tensors; the loop (``engine.trainer``) decides when to synchronise with the host to log them.
 """
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -86,6 +88,24 @@ def check_finite(losses):
     if not bool(finite):
         bad = [name for name, value in losses.items() if not torch.isfinite(value).all()]
         raise NonFiniteLossError(bad or ["another process's losses"])
+
+
+@contextlib.contextmanager
+def buffers_restored_on_refusal(modules):
+    """Put every buffer of ``modules`` back as it was when the block raises NonFiniteLossError.
+
+    ``check_finite`` refuses a step before any optimizer update, but the forward passes before it
+    have already moved the BatchNorm running statistics (and ``num_batches_tracked``) towards a
+    non-finite batch; a run that goes on after a refused step (fp16 skipping) must not keep them.
+    """
+    saved = [(buffer, buffer.detach().clone()) for module in modules for buffer in module.buffers()]
+    try:
+        yield
+    except NonFiniteLossError:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
+        raise
 
 
 def supervised_step(model, optimizer, scaler, precision, images, labels):

@@ -16,8 +16,10 @@ streams and hands the loop a ``step_fn``; everything around the step lives here 
   (the same global batch continues the same sample order);
 * a non-finite loss stops the run naming the iteration and term (the last checkpoint stays as it
   was); under fp16 loss scaling such steps are skipped and counted instead, as GradScaler does,
-  until too many come in a row.
+  until too many come in a row, and a skipped step leaves the networks' buffers (BatchNorm
+  statistics) as they were before it.
 """
+import contextlib
 import json
 import math
 import signal
@@ -33,7 +35,7 @@ from utils.checkpoint import (CHECKPOINT_FORMAT, CheckpointError, atomic_torch_s
                               remove_stale_temporaries)
 from engine.data import to_device
 from utils.distributed import all_reduce_max, all_reduce_mean, barrier, get_world_size, is_main_process
-from engine.steps import NonFiniteLossError
+from engine.steps import NonFiniteLossError, buffers_restored_on_refusal
 from utils.logger import git_commit, plain_args, write_json, write_text
 from engine.metrics import scores_to_json
 from engine.optim import poly_lr, set_lr
@@ -289,8 +291,12 @@ class Trainer:
             while self.iteration < self.max_iters:
                 rates = self._set_learning_rates()
                 batches = {name: to_device(next(stream), self.device) for name, stream in self.streams.items()}
+                # A skipped step (fp16) leaves every buffer as it was: the run goes on with them.
+                restoring = (buffers_restored_on_refusal(self.networks.values()) if self.fp16_skipping
+                             else contextlib.nullcontext())
                 try:
-                    losses = self.step_fn(batches, self.iteration)
+                    with restoring:
+                        losses = self.step_fn(batches, self.iteration)
                 except NonFiniteLossError as error:
                     if not self.fp16_skipping:
                         raise TrainingError(

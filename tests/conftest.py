@@ -13,3 +13,13 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 def tiny_data_root(tmp_path_factory):
     """GTA5/ (8 images 64x36) and Cityscapes/ (6 train + 3 val, 64x32) in the official layouts."""
     return write_tiny_tree(tmp_path_factory.mktemp("tiny_data"))
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread for the test, restored after it: two threads per process on two shared
+    cores spin against each other, and one is several times faster."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -38,6 +38,7 @@ def toy_run(speed, tmp_path_factory):
     return result, out
 
 
+@pytest.mark.slow
 def test_toy_run_writes_json_and_markdown(speed, toy_run):
     result, out = toy_run
     data = json.loads((out / "speed_toy.json").read_text())
@@ -57,6 +58,7 @@ def test_toy_run_writes_json_and_markdown(speed, toy_run):
         in markdown
 
 
+@pytest.mark.slow
 def test_toy_run_measures_each_section(toy_run):
     result, _ = toy_run
     get = {name: {e["key"]: e for e in section["entries"]} for name, section in result["sections"].items()}

@@ -12,6 +12,7 @@ from dataset.labels import ID_TO_TRAINID, IGNORE_INDEX, colorize
 from dataset.normalization import get_normalization
 from dataset.paths import pseudo_label_path
 from dataset.transforms import eval_transform, train_transform
+from tests.helpers import truncate
 
 H, W = 16, 32
 
@@ -80,11 +81,6 @@ def flat_tree(root):
         f"{bases[2]}_leftImg8bit.png\n\nimages/{bases[0]}_leftImg8bit.png\n./{bases[1]}_leftImg8bit.png\n")
     (root / "val.txt").write_text(f"{bases[3]}\n")
     return ids
-
-
-def truncate(path, keep=0.5):
-    data = path.read_bytes()
-    path.write_bytes(data[: int(len(data) * keep)])
 
 
 # ---- the label table -----------------------------------------------------------------------------

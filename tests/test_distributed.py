@@ -26,12 +26,16 @@ from PIL import Image
 import createpseudolabels
 import eval as eval_script
 from tests.distributed_worker import run as run_training
+from tests.helpers import losses
 from model import build_bisenet
 from model.loading import bisenet_checkpoint_entry
 from utils.checkpoint import CHECKPOINT_FORMAT, load_checkpoint_file
 from utils.distributed import configure_batchnorm
 from utils.errors import OptionError
 from engine.evaluate import eval_mode
+
+# Every test here launches torchrun or whole scripts.
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "distributed_worker.py"
@@ -77,10 +81,6 @@ def torchrun(*args, nproc=2):
     return result.stdout
 
 
-def _losses(run_dir):
-    return [json.loads(line) for line in (run_dir / "losses.jsonl").read_text().splitlines()]
-
-
 def assert_same_weights(expected, got, what, steps, rtol):
     """Every float tensor within ``rtol`` x its step size (plus float32 rounding of its values)."""
     for network in ("model", "discriminator"):
@@ -119,7 +119,7 @@ def test_one_step_on_two_processes_equals_one_process_with_the_double_batch(runs
     steps = step_sizes(first, load_checkpoint_file(runs["one"] / "step2.pth"))
     assert_same_weights(first, load_checkpoint_file(runs["two"] / "step1.pth"), "after one step", steps, FIRST_STEP_RTOL)
     # Logged losses are means over the ranks, i.e. the losses of the global batch.
-    for single, distributed in zip(_losses(runs["one"])[:STOP_AT], _losses(runs["two"]), strict=True):
+    for single, distributed in zip(losses(runs["one"])[:STOP_AT], losses(runs["two"]), strict=True):
         assert single.keys() == distributed.keys() and single["iteration"] == distributed["iteration"]
         for key in single:
             assert single[key] == pytest.approx(distributed[key], rel=1e-5, abs=1e-7), key
@@ -135,11 +135,11 @@ def test_checkpoint_of_two_processes_resumes_on_one_and_finishes(runs):
     expected = load_checkpoint_file(runs["one"] / "last.pth")
     steps = step_sizes(load_checkpoint_file(runs["one"] / "step1.pth"), expected)
     assert_same_weights(expected, final, "resumed run at the end", steps, AFTER_RESUME_RTOL)
-    resumed_losses = _losses(runs["resumed"])
+    resumed_losses = losses(runs["resumed"])
     assert [entry["iteration"] for entry in resumed_losses] == list(range(1, MAX_ITERS + 1))
     # The losses of the resumed iteration (same weights up to rounding, same batch): continuous in the
     # weights, so they agree far closer than the weights after a max-pool flip.
-    for key, value in _losses(runs["one"])[-1].items():
+    for key, value in losses(runs["one"])[-1].items():
         assert resumed_losses[-1][key] == pytest.approx(value, rel=1e-4), key
 
 
@@ -148,7 +148,7 @@ def test_only_rank_zero_prints_and_writes(runs):
     assert sum(line.startswith("[run]") for line in lines) == 1 and "x 2 processes" in runs["stdout"]
     info = json.loads((runs["two"] / "run_info.json").read_text())
     assert info["world_size"] == 2
-    assert [entry["iteration"] for entry in _losses(runs["two"])] == list(range(1, STOP_AT + 1))
+    assert [entry["iteration"] for entry in losses(runs["two"])] == list(range(1, STOP_AT + 1))
 
 
 def _files(root):

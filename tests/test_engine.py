@@ -2,11 +2,14 @@ import pytest
 import torch
 
 from model import build_bisenet, build_discriminator
-from engine.steps import NonFiniteLossError, adversarial_step, segmentation_loss, summed_cross_entropy, supervised_step
+from engine.steps import (NonFiniteLossError, adversarial_step, buffers_restored_on_refusal, segmentation_loss,
+                          summed_cross_entropy, supervised_step)
 from engine.optim import build_optimizer, poly_lr
 from engine.precision import Precision
 
 SIZE = (64, 64)
+# Two threads per process on two shared cores spin against each other; one is several times faster.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _batch(seed, batch=2, labels=True):
@@ -127,15 +130,33 @@ def test_supervised_steps_lower_the_loss():
     assert losses[-1] < losses[0]
 
 
-def test_non_finite_loss_is_refused_before_any_update():
+@pytest.mark.parametrize("poisoned", ["source", "target"])
+def test_a_refused_step_leaves_every_parameter_and_buffer_as_it_was(poisoned):
+    """check_finite refuses before any update, and buffers_restored_on_refusal puts back what the
+    forwards moved: BatchNorm running statistics and num_batches_tracked included."""
     model, disc, optimizer, optimizer_d, precision, scaler, scaler_d = _parts()
-    before = _snapshot(model)
-    images, labels = _batch(1)
-    images[0, 0, 0, 0] = float("nan")
-    with pytest.raises(NonFiniteLossError) as error:
-        adversarial_step(model, disc, optimizer, optimizer_d, scaler, scaler_d, precision, images, labels, images)
-    assert "loss_seg" in str(error.value)
-    assert _changed(before, model) == [] or all("running" in n or "num_batches" in n for n in _changed(before, model))
+    before_model, before_disc = _snapshot(model), _snapshot(disc)
+    source_images, source_labels = _batch(1)
+    target_images, _ = _batch(2, labels=False)
+    (source_images if poisoned == "source" else target_images)[0, 0, 0, 0] = float("nan")
+
+    def step():
+        adversarial_step(model, disc, optimizer, optimizer_d, scaler, scaler_d, precision,
+                         source_images, source_labels, target_images)
+
+    # Without the guard the forwards move the statistics: what the guard has to undo.
+    with pytest.raises(NonFiniteLossError, match="loss_seg" if poisoned == "source" else "loss_adv"):
+        step()
+    moved = _changed(before_model, model)
+    assert moved and all(name.endswith(("running_mean", "running_var", "num_batches_tracked")) for name in moved)
+    assert _changed(before_disc, disc) == []
+
+    model.load_state_dict(before_model)
+    with pytest.raises(NonFiniteLossError):
+        with buffers_restored_on_refusal([model, disc]):
+            step()
+    assert _changed(before_model, model) == [] and _changed(before_disc, disc) == []
+    assert optimizer.state_dict()["state"] == {} and optimizer_d.state_dict()["state"] == {}  # no step taken
 
 
 def test_poly_learning_rate():

@@ -1,15 +1,98 @@
-"""The main job (experiments.py) at a toy size: every stage runs and every file and row appears."""
+"""The main job (experiments.py): every stage at a toy size, and tables that agree with results.json."""
 import json
+import math
+import statistics
 import types
+from pathlib import Path
+
+import pytest
 
 import experiments
-from dataset.labels import SHORT_NAMES
-from reporting.pipeline import (METHODS, STAGE_ARGS, STAGE_BY_KEY, Settings, Stage, run_stage, start_iteration,
-                               total_iterations)
+from dataset.labels import CLASS_NAMES, SHORT_NAMES
+from model import build_bisenet, build_discriminator
+from reporting.pipeline import (BASELINE, METHODS, STAGE_ARGS, STAGE_BY_KEY, Settings, Stage, run_stage,
+                               start_iteration, total_iterations)
 from reporting.report import table1_markdown
 
+REPO = Path(__file__).resolve().parents[1]
+COMMITTED_RESULTS = REPO / "results" / "synthetic"
 
-def test_pipeline_produces_every_table_row_and_file(tiny_data_root, tmp_path):
+
+def _table_rows(path):
+    """{first cell: {column: cell}} of a markdown table."""
+    lines = [line for line in Path(path).read_text().splitlines() if line.startswith("|")]
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    rows = {}
+    for line in lines[2:]:
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        assert len(cells) == len(header), line
+        rows[cells[0]] = dict(zip(header, cells))
+    return rows
+
+
+def _assert_cell(cell, values, what):
+    """A cell shows the mean (± the sample std with several seeds) of ``values`` in percent, to 0.1."""
+    values = [100 * value for value in values if value is not None]
+    if not values:
+        assert cell == "n/a", what
+        return
+    numbers = [float(part) for part in cell.replace("±", " ").split()]
+    expected = [statistics.fmean(values)] + ([statistics.stdev(values)] if len(values) > 1 else [])
+    if len(numbers) == 2 and len(expected) == 1:
+        expected.append(0.0)  # a class seen in one seed only, in a multi-seed table
+    assert numbers == pytest.approx(expected, abs=0.051), f"{what}: {cell!r}, expected {expected}"
+
+
+def assert_tables_agree_with_results(folder):
+    """table1.md and table2.md against results.json: every number of the table from the per-seed
+    scores, no NaN, every score a fraction in [0, 1], each mIoU the mean of its class IoUs."""
+    results = json.loads((folder / "results.json").read_text())
+    methods, seeds = results["methods"], results["seeds"]
+    rows = _table_rows(folder / "table1.md")
+    assert list(rows) == [label for label, _, _ in METHODS if label in methods]
+    settings = Settings(**results["settings"])
+    baseline = [seed["miou"] for seed in methods[BASELINE]["per_seed"]]
+    for label, stage, _ in METHODS:
+        per_seed, row = methods[label]["per_seed"], rows[label]
+        assert len(per_seed) == len(seeds), label
+        for scores in per_seed:
+            assert list(scores["iou"]) == list(CLASS_NAMES), label
+            present = [value for value in scores["iou"].values() if value is not None]
+            assert all(0.0 <= value <= 1.0 for value in present), label
+            assert 0.0 <= scores["pixel_accuracy"] <= 1.0 and math.isfinite(scores["miou"]), label
+            assert scores["miou"] == pytest.approx(statistics.fmean(present), abs=1e-9), label  # mIoU's definition
+        mious = [scores["miou"] for scores in per_seed]
+        assert methods[label]["miou_mean"] == pytest.approx(statistics.fmean(mious))
+        assert methods[label]["miou_std"] == pytest.approx(statistics.stdev(mious) if len(mious) > 1 else 0.0)
+        for index, short in enumerate(SHORT_NAMES):
+            _assert_cell(row[short], [scores["iou"][CLASS_NAMES[index]] for scores in per_seed], f"{label} {short}")
+        _assert_cell(row["mIoU"], mious, f"{label} mIoU")
+        _assert_cell(row["acc"], [scores["pixel_accuracy"] for scores in per_seed], f"{label} acc")
+        delta = row[f"ΔmIoU vs {BASELINE}"]
+        if label == BASELINE:
+            assert delta == "—"
+        else:  # paired by seed
+            _assert_cell(delta.lstrip("+"), [a - b for a, b in zip(mious, baseline)], f"{label} delta")
+        assert row["iterations"] == str(total_iterations(settings, stage)), label
+    assert results["domain_gap"]["source_only_target_val_miou"] == baseline
+    assert all(0.0 < value <= 1.0 for value in results["domain_gap"]["source_only_source_val_miou"])
+
+    # Table II: the parameter counts of the networks built here (thop's count of the same modules).
+    complexity = _table_rows(folder / "table2.md")
+    networks = {"bisenet-r18": build_bisenet("resnet18", 19), "bisenet-r101": build_bisenet("resnet101", 19),
+                "fcd": build_discriminator("fcd", 19), "dsc": build_discriminator("dsc", 19)}
+    assert set(complexity) == set(networks)
+    for name, network in networks.items():
+        assert int(complexity[name]["parameters"].replace(",", "")) == sum(p.numel() for p in network.parameters())
+        assert 0.0 < float(complexity[name]["GFLOPs"]) < 1000.0, name
+
+
+def test_committed_results_tables_agree_with_their_results_json():
+    assert_tables_agree_with_results(COMMITTED_RESULTS)
+
+
+@pytest.mark.slow
+def test_pipeline_produces_every_table_row_and_file(tiny_data_root, tmp_path, one_thread):
     out = tmp_path / "results"
     args = experiments.get_args([
         "--output-dir", str(out), "--data-root", str(tiny_data_root), "--source-size", "64x36",
@@ -17,15 +100,18 @@ def test_pipeline_produces_every_table_row_and_file(tiny_data_root, tmp_path):
         "--adapt-iterations", "2", "--pseudo-iterations", "2",
         "--mpl-iterations", "2", "--val-every", "2", "--workers", "0", "--device", "cpu", "--no-progress"])
     summary = experiments.main(args)
-    for name in ("table1.md", "table2.md", "miou_curves.png", "qualitative.png", "results.json"):
-        assert (out / name).stat().st_size > 0, name
-    table1 = (out / "table1.md").read_text()
-    for label, _, _ in METHODS:
-        assert f"| {label} |" in table1, label
+    for name in ("miou_curves.png", "qualitative.png"):
+        assert (out / name).read_bytes().startswith(b"\x89PNG"), name
     results = json.loads((out / "results.json").read_text())
+    assert results == json.loads(json.dumps(summary)) and results["seeds"] == [0] and "git_commit" in results
     assert set(results["methods"]) == {label for label, _, _ in METHODS}
-    assert results["seeds"] == [0] and "git_commit" in results
-    assert summary["domain_gap"]["source_only_source_val_miou"]
+    assert_tables_agree_with_results(out)
+    # Each row is the run's own last validation of the weights it scores.
+    for label, stage, network in METHODS:
+        record = json.loads((out / "runs" / "seed0" / stage / "metrics.json").read_text())["history"][-1]
+        assert record["iteration"] == Settings(**results["settings"]).stage_iterations(stage), label
+        scores = record["scores"].get(network, next(iter(record["scores"].values())))
+        assert results["methods"][label]["per_seed"] == [scores], label
     assert (out / "runs" / "seed0" / "pseudo" / "thresholds.json").is_file()
 
 

@@ -115,12 +115,24 @@ def test_unknown_context_path_lists_choices():
 
 
 def test_resize_to_input_equals_course_x8_upsampling():
-    # BiSeNet resizes to the input size where the course upsampled by a factor 8: identical
-    # when the input is a multiple of 8, which is what makes course checkpoints reproduce.
-    x = torch.randn(2, 5, 16, 24)
-    by_factor = F.interpolate(x, scale_factor=8, mode="bilinear", align_corners=False)
-    by_size = F.interpolate(x, size=(128, 192), mode="bilinear", align_corners=False)
-    assert torch.equal(by_factor, by_size)
+    """BiSeNet resizes the fused 1/8 map to the input size where the course upsampled by a factor 8
+    before its classifier: bit for bit the same when the input is a multiple of 8, which is what
+    makes course checkpoints reproduce. Reference: the course's order of operations, rebuilt from
+    the network's own fused features with F.interpolate(scale_factor=8)."""
+    torch.manual_seed(0)
+    model = randomize_(BiSeNet(num_classes=7, context_path="resnet18")).eval()
+    x = torch.randn(1, 3, 64, 96)
+    captured = {}
+    model.ffm.register_forward_hook(lambda module, inputs, output: captured.setdefault("fused", output))
+    with torch.no_grad():
+        output = model(x)
+        fused = captured["fused"]
+        assert fused.shape[-2:] == (8, 12)
+        course = model.classifier(F.interpolate(fused, scale_factor=8, mode="bilinear", align_corners=False))
+    assert torch.equal(output, course)
+    # An input that is no multiple of 8 still comes back at its own size.
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 60, 90)).shape == (1, 7, 60, 90)
 
 
 # --- Pretrained trunk -----------------------------------------------------------------------------

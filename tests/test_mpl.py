@@ -9,6 +9,7 @@ from torch import nn
 import MPL
 from dataset.labels import NUM_CLASSES
 from model import build_bisenet, build_discriminator, load_bisenet, model_config
+from tests.helpers import StopTraining, losses, stop_after, tiny_run
 from utils.checkpoint import CHECKPOINT_FORMAT, load_checkpoint_file
 from engine.steps import SOURCE_DOMAIN, adversarial_step, domain_loss, main_output, segmentation_loss, set_requires_grad
 from cli.mpl_options import read_thresholds, resolve_mpl_args
@@ -334,8 +335,6 @@ def test_augmented_view_is_a_pure_function_of_the_iteration_and_flips_consistent
 
 
 # ---------------------------------------------------------------------------------- the script
-COMMON = ["--source-size", "64x36", "--target-size", "64x32", "--batch-size", "2", "--workers", "0",
-          "--log-every", "1", "--no-progress", "--seed", "3", "--no-tensorboard"]
 
 
 @pytest.fixture(scope="module")
@@ -349,37 +348,22 @@ def teacher_checkpoint(tmp_path_factory):
 
 def _args(data_root, output_dir, teacher, *extra):
     return MPL.get_args(["--data-root", str(data_root), "--output-dir", str(output_dir), "--teacher-checkpoint",
-                         str(teacher), *COMMON, *extra])
+                         str(teacher), *tiny_run(*extra)])
 
 
-def _losses(run_dir):
-    return [json.loads(line) for line in (run_dir / "losses.jsonl").read_text().splitlines()]
-
-
+@pytest.mark.slow
 def test_resumed_mpl_run_equals_uninterrupted(tiny_data_root, teacher_checkpoint, tmp_path):
     # --refresh 3: the checkpoint at iteration 2 must carry the histogram of iterations 1-2.
     flags = ["--max-iters", "4", "--val-every", "2", "--refresh", "3", "--baseline-decay", "0.5"]
     straight = tmp_path / "straight"
     MPL.main(_args(tiny_data_root, straight, teacher_checkpoint, *flags))
     split = tmp_path / "split"
-    trainer_cls = MPL.Trainer
-
-    class StopAtTwo(trainer_cls):
-        def save(self, filename):
-            super().save(filename)
-            if filename == "last.pth" and self.iteration == 2:
-                raise KeyboardInterrupt
-
-    MPL.Trainer = StopAtTwo
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            MPL.main(_args(tiny_data_root, split, teacher_checkpoint, *flags))
-    finally:
-        MPL.Trainer = trainer_cls
+    with stop_after(MPL, 2), pytest.raises(StopTraining):
+        MPL.main(_args(tiny_data_root, split, teacher_checkpoint, *flags))
     assert load_checkpoint_file(split / "last.pth")["iteration"] == 2
     MPL.main(_args(tiny_data_root, split, teacher_checkpoint, *flags, "--resume", str(split / "last.pth")))
 
-    assert _losses(split) == _losses(straight)
+    assert losses(split) == losses(straight)
     final_straight, final_split = load_checkpoint_file(straight / "last.pth"), load_checkpoint_file(split / "last.pth")
     for network in ("model", "teacher", "discriminator", "discriminator_teacher", "mpl"):
         for key, value in final_straight[network].items():
@@ -389,6 +373,7 @@ def test_resumed_mpl_run_equals_uninterrupted(tiny_data_root, teacher_checkpoint
     assert final_straight["mpl"]["feedback.baseline"] != 0
 
 
+@pytest.mark.slow
 def test_course_run_checkpoints_both_networks_for_eval(tiny_data_root, teacher_checkpoint, tmp_path):
     run = tmp_path / "course"
     trainer = MPL.main(_args(tiny_data_root, run, teacher_checkpoint, "--feedback", "course", "--discriminator", "0",
@@ -401,7 +386,7 @@ def test_course_run_checkpoints_both_networks_for_eval(tiny_data_root, teacher_c
     assert not torch.equal(teacher.classifier.weight, student.classifier.weight)
     checkpoint = load_checkpoint_file(run / "last.pth")
     assert checkpoint["discriminator_teacher_config"]["name"] == "fcd"
-    assert set(_losses(run)[0]) >= {"mpl_H", "mpl_epoch", "t_loss_mpl", "t_loss_uda"}
+    assert set(losses(run)[0]) >= {"mpl_H", "mpl_epoch", "t_loss_mpl", "t_loss_uda"}
 
 
 def test_inconsistent_threshold_flags_are_refused(tmp_path, teacher_checkpoint):

@@ -27,6 +27,7 @@ from dataset.labels import CLASS_NAMES, IGNORE_INDEX, NUM_CLASSES, train_ids_to_
 from dataset.paths import THRESHOLDS_FILE, pseudo_color_path, pseudo_label_path
 from dataset.transforms import eval_transform
 from model import bisenet_checkpoint_entry, build_bisenet
+from tests.helpers import folder_digest
 from utils.checkpoint import CHECKPOINT_FORMAT
 from uda.pseudolabel_stats import MAX_THRESHOLD
 
@@ -148,11 +149,6 @@ def ref_labels(pred, p, thresholds):
 def read_png(path):
     with Image.open(path) as image:
         return image.mode, np.asarray(image)
-
-
-def folder_bytes(folder):
-    return {path.relative_to(folder).as_posix(): path.read_bytes()
-            for path in sorted(folder.rglob("*")) if path.is_file()}
 
 
 # ---------------------------------------------------------------------------------------- tests
@@ -285,7 +281,7 @@ def test_test_time_augmentation_averages_softmax(setup):
 def test_resume_after_interruption_is_byte_identical(setup, monkeypatch):
     reference = setup["tmp"] / "reference"
     generate(setup, reference)
-    expected = folder_bytes(reference)
+    expected = folder_digest(reference)
     assert {".histogram.pt", THRESHOLDS_FILE, pl.QUALITY_FILE, pl.COMPLETE_FILE} <= set(expected)
 
     # Stopped in pass 2 after three images (mid-batch: batches are [0, 1], [2, 3], [4]).
@@ -310,7 +306,7 @@ def test_resume_after_interruption_is_byte_identical(setup, monkeypatch):
     result = generate(setup, out, resume=True)
     assert result["written"] == 2 and result["reused"] == 3
     assert model.calls == 2  # no pass 1; pass 2 predicts only batches [2, 3] and [4]
-    assert folder_bytes(out) == expected
+    assert folder_digest(out) == expected
 
     # Files deleted from a finished folder come back identical; the rest is not rewritten.
     for name in setup["names"][1:4:2]:
@@ -318,7 +314,7 @@ def test_resume_after_interruption_is_byte_identical(setup, monkeypatch):
     pseudo_color_path(out, setup["names"][4]).unlink()
     (out / pl.QUALITY_FILE).unlink()
     assert generate(setup, out, resume=True, batch_size=1)["written"] == 3
-    assert folder_bytes(out) == expected
+    assert folder_digest(out) == expected
 
 
 def test_interruption_in_pass_one_then_resume_and_clean_rerun(setup):
@@ -328,12 +324,12 @@ def test_interruption_in_pass_one_then_resume_and_clean_rerun(setup):
         generate(setup, out, model=failing)
     assert not (out / pl.HISTOGRAM_FILE).exists() and not (out / THRESHOLDS_FILE).exists()
     generate(setup, out, resume=True)  # nothing to resume: starts over
-    expected = folder_bytes(out)
+    expected = folder_digest(out)
     stale = pseudo_label_path(out, "zurich/zurich_000000_000000")  # a label of an image not in the split
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"old")
     generate(setup, out)  # a run without --resume replaces everything
-    assert folder_bytes(out) == expected
+    assert folder_digest(out) == expected
 
 
 def test_resume_refuses_another_model_or_other_settings(setup):
@@ -372,7 +368,7 @@ def test_two_processes_write_the_same_folder_as_one(setup):
     # Forked, not spawned: the children start with everything imported (spawn re-imports for ~10 s).
     mp.start_processes(_distributed_worker, args=(2, str(setup["tmp"] / "init"), str(setup["root"]), str(sharded)),
                        nprocs=2, start_method="fork")
-    assert folder_bytes(sharded) == folder_bytes(single)
+    assert folder_digest(sharded) == folder_digest(single)
 
 
 # ------------------------------------------------------------------------------------- the script
@@ -393,11 +389,11 @@ def test_script_with_a_real_checkpoint_then_resume(setup, capsys):
     assert result["quality"]["ground_truth"]
     report = json.loads((out / THRESHOLDS_FILE).read_text())
     assert report["source"]["checkpoint"] == str(checkpoint) and report["source"]["eval_size"] == [H // 2, W // 2]
-    expected = folder_bytes(out)
+    expected = folder_digest(out)
     pseudo_label_path(out, setup["names"][0]).unlink()
     createpseudolabels.main(createpseudolabels.get_args(argv + ["--resume"]))
     assert "resuming" in capsys.readouterr().out
-    assert folder_bytes(out) == expected
+    assert folder_digest(out) == expected
     CityscapesDataset(setup["root"], split="train", pseudo_label_dir=out)
 
 

@@ -7,7 +7,6 @@ and that a run folder written before is byte-identical afterwards. Also: the cod
 refusal of checkpoints, plain stored args, and that a run writes nowhere but its folders.
 """
 import ast
-import hashlib
 import json
 import os
 import re
@@ -29,28 +28,15 @@ from model import load_bisenet
 from cli import builders
 from utils.checkpoint import CheckpointError, load_checkpoint_file
 from cli.entry import EXIT_USER_ERROR, run_main
+from tests.helpers import REPO, TINY_RUN, folder_digest, truncate
 
-REPO = Path(__file__).resolve().parents[1]
-TINY = ["--source-size", "64x36", "--target-size", "64x32", "--batch-size", "2", "--workers", "0", "--log-every", "1",
-        "--no-progress", "--seed", "3", "--no-tensorboard"]
+TINY = TINY_RUN
 FIRST_GTA5 = "00001.png"
 FIRST_VAL = "city/city_000000_000019"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Two threads per process on two shared cores spin against each other; one is several times faster.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def snapshot(folder, exclude=()):
-    """{relative path: sha256} of every file under ``folder``."""
-    folder = Path(folder)
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name not in exclude}
+# Two threads per process on two shared cores spin against each other; one is several times faster.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -101,11 +87,6 @@ def resume_args(data_root, run, *extra, discriminator="none"):
             "--discriminator", discriminator, *extra]
 
 
-def truncate(path, keep=0.5):
-    content = Path(path).read_bytes()
-    Path(path).write_bytes(content[:int(len(content) * keep)])
-
-
 # ----------------------------------------------------------------------------------- data roots
 def _missing_root(data):
     shutil.rmtree(data)
@@ -150,12 +131,12 @@ def _missing_val_labels(data):
 @pytest.mark.parametrize("damage", [_missing_root, _cityscapes_in_neither_layout, _gta5_without_labels, _empty_gta5,
                                     _empty_cityscapes_split, _list_naming_missing_files, _missing_val_labels])
 def test_dataset_layout_errors_name_what_was_expected_and_touch_nothing(damage, data, trained_run, capsys):
-    before = snapshot(trained_run)
+    before = folder_digest(trained_run)
     expected = damage(data)
     code, err, _ = run_script(trainUnsupervised, resume_args(data, trained_run), capsys)
     assert code == EXIT_USER_ERROR
     assert_one_paragraph_error(err, *expected)
-    assert snapshot(trained_run) == before  # failed before start-up: not even run_info.json was rewritten
+    assert folder_digest(trained_run) == before  # failed before start-up: not even run_info.json was rewritten
 
 
 # ----------------------------------------------------------------------------------- bad files
@@ -196,15 +177,16 @@ def test_unreadable_sample_mid_run_names_the_file_and_keeps_the_checkpoints(data
     """A truncated image met at some iteration (in a DataLoader worker): one line, checkpoints intact."""
     broken = data / "GTA5" / "images" / "00006.png"
     truncate(broken)
-    before = snapshot(trained_run, exclude={"run_info.json"})
+    before = folder_digest(trained_run, exclude={"run_info.json"})
     code, err, _ = run_script(trainUnsupervised, resume_args(data, trained_run, "--max-iters", "8", "--workers", "1",
                                                              "--val-every", "100", "--checkpoint-every", "100"), capsys)
     assert code == EXIT_USER_ERROR
     line = assert_one_paragraph_error(err, f"cannot read image file {broken}")
     assert "DataLoader worker" not in line
-    assert snapshot(trained_run, exclude={"run_info.json"}) == before
+    assert folder_digest(trained_run, exclude={"run_info.json"}) == before
 
 
+@pytest.mark.slow
 def test_skip_bad_skips_counts_in_workers_and_reports_at_the_end(data, tmp_path, capsys):
     truncate(data / "GTA5" / "images" / "00003.png")
     truncate(data / "Cityscapes" / "leftImg8bit" / "train" / "city" / "city_000002_000019_leftImg8bit.png")
@@ -272,12 +254,12 @@ def test_eval_refuses_files_that_are_not_checkpoints(make, trained_run, tiny_dat
 ])
 def test_resume_from_a_checkpoint_of_another_kind_of_run(discriminator, flags, expected, tiny_data_root, trained_run,
                                                          capsys):
-    before = snapshot(trained_run, exclude={"run_info.json"})
+    before = folder_digest(trained_run, exclude={"run_info.json"})
     args = resume_args(tiny_data_root, trained_run, "--max-iters", "4", *flags, discriminator=discriminator)
     code, err, _ = run_script(trainUnsupervised, args, capsys)
     assert code == EXIT_USER_ERROR
     assert_one_paragraph_error(err, str(trained_run / "last.pth"), *expected)
-    assert snapshot(trained_run, exclude={"run_info.json"}) == before
+    assert folder_digest(trained_run, exclude={"run_info.json"}) == before
 
 
 def test_load_bisenet_refuses_another_backbone_or_class_count(trained_run):
@@ -446,6 +428,7 @@ def _audit(event, args):
         _written.extend(os.fsdecode(arg) for arg in args[:2] if isinstance(arg, (str, bytes, os.PathLike)))
 
 
+@pytest.mark.slow
 def test_training_and_evaluation_write_only_in_their_folders(data, tmp_path, monkeypatch, capsys):
     global _written
     sys.addaudithook(_audit)
@@ -477,66 +460,16 @@ def test_training_and_evaluation_write_only_in_their_folders(data, tmp_path, mon
             ((p, p.stat()) for p in sorted(data.rglob("*")))} == data_before
 
 
-def test_git_commit_named_by_the_environment_wins(monkeypatch):
-    """A tree copied to a GPU machine (no .git, or a stale one) records the commit its caller names."""
-    import subprocess
-
-    from utils import logger
-
-    monkeypatch.delenv(logger.GIT_COMMIT_ENV, raising=False)
-    real = logger.git_commit()
-    assert len(real.split("-")[0]) == 40  # this checkout has git
-    monkeypatch.setenv(logger.GIT_COMMIT_ENV, "abc123")
-    assert logger.git_commit() == "abc123"
-    monkeypatch.delenv(logger.GIT_COMMIT_ENV)
-    monkeypatch.setattr(logger.subprocess, "run",
-                        lambda *a, **k: subprocess.CompletedProcess(a, 128, "", "fatal: not a git repository"))
-    assert logger.git_commit() is None
-
-
 def test_eval_benchmark_reports_throughput_and_latency(trained_run, tiny_data_root, tmp_path, capsys):
     code, err, out = run_script(eval_script, ["--checkpoint", trained_run / "last.pth", "--data-root", tiny_data_root,
                                               "--eval-size", "64x32", "--workers", "0", "--no-progress",
                                               "--output-dir", tmp_path / "eval", "--benchmark", "--benchmark-batches",
                                               "1", "2", "--benchmark-runs", "2", "--benchmark-warmup", "1"], capsys)
     assert code == 0, err
+    # The flags reach the measurement (its figures are checked against a fake clock in test_benchmark).
     runs = json.loads((tmp_path / "eval" / "eval.json").read_text())["benchmark"]
     assert [run["batch_size"] for run in runs] == [1, 2]
     for run in runs:
-        assert run["images_per_s"] > 0 and run["latency_ms"] > 0 and (run["height"], run["width"]) == (32, 64)
-        assert run["images_per_s"] == pytest.approx(run["batch_size"] / run["median_s"])
-    assert "img/s," in out and "ms per call alone" in out
-
-
-def test_time_callable_divides_each_sample_by_its_block_of_calls(monkeypatch):
-    from utils import benchmark
-
-    clock = {"now": 0.0, "calls": 0}
-
-    def call():  # each call "takes" 2 s of a fake clock
-        clock["now"] += 2.0
-        clock["calls"] += 1
-
-    monkeypatch.setattr(benchmark.time, "perf_counter", lambda: clock["now"])
-    median, samples = benchmark.time_callable(call, torch.device("cpu"), warmup=3, runs=4, calls_per_sample=5)
-    assert clock["calls"] == 3 + 4 * 5
-    assert median == 2.0 and samples == [2.0] * 4
-
-
-def test_git_commit_is_dirty_for_code_changes_but_not_for_the_results_the_demo_writes(tmp_path, monkeypatch):
-    import subprocess
-
-    from utils import logger
-
-    monkeypatch.delenv(logger.GIT_COMMIT_ENV, raising=False)
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
-    (tmp_path / "results").mkdir()
-    (tmp_path / "code.py").write_text("x = 1\n")
-    (tmp_path / "results" / "table1.md").write_text("old\n")
-    for command in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "c"]):
-        subprocess.run(git + command, cwd=tmp_path, check=True)
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
-    (tmp_path / "results" / "table1.md").write_text("new\n")
-    assert logger.git_commit(tmp_path) == head
-    (tmp_path / "code.py").write_text("x = 2\n")
-    assert logger.git_commit(tmp_path) == head + "-dirty"
+        assert (run["height"], run["width"], run["runs"], run["warmup"]) == (32, 64, 2, 1)
+        assert f"{run['images_per_s']:.1f} img/s" in out
+    assert "ms per call alone" in out

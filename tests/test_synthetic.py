@@ -11,6 +11,7 @@ from PIL import Image
 
 from dataset import synthetic
 from dataset.labels import ID_TO_TRAINID, IGNORE_INDEX, NUM_CLASSES, SHORT_NAMES
+from tests.helpers import folder_digest
 from dataset.synthetic import (MARKER_NAME, SOURCE_SIZE, SOURCE_SUBDIR, TARGET_SIZE, TARGET_SUBDIR, TRAIN_CITIES,
                                VAL_CITIES, ensure_synthetic_benchmark, generate_benchmark, render_sample)
 
@@ -22,8 +23,7 @@ RARE = ("rider", "train", "motorcycle", "bicycle")
 
 
 def all_files(root):
-    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(Path(root).rglob("*")) if p.is_file()
-            and p.name != synthetic.LOCK_NAME}
+    return folder_digest(root, exclude={synthetic.LOCK_NAME})
 
 
 def mtimes(root):

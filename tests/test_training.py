@@ -8,45 +8,31 @@ import trainSupervised
 import trainUnsupervised
 from cli import builders
 from dataset.common import DatasetError
+from tests.helpers import StopTraining, losses, stop_after, tiny_run
 from utils.checkpoint import load_checkpoint_file
 from utils.errors import OptionError
 
-COMMON = ["--source-size", "64x36", "--target-size", "64x32", "--batch-size", "2", "--workers", "0",
-          "--log-every", "1", "--no-progress", "--seed", "3"]
 
 
 def _unsupervised(data_root, output_dir, *extra):
-    return trainUnsupervised.get_args(["--data-root", str(data_root), "--output-dir", str(output_dir), *COMMON, *extra])
+    """The tiny run with TensorBoard on unless ``extra`` says --no-tensorboard."""
+    return trainUnsupervised.get_args(["--data-root", str(data_root), "--output-dir", str(output_dir),
+                                       *tiny_run(*extra, tensorboard=True)])
 
 
-def _losses(run_dir):
-    return [json.loads(line) for line in (run_dir / "losses.jsonl").read_text().splitlines()]
-
-
+@pytest.mark.slow
 def test_resumed_adversarial_run_equals_uninterrupted(tiny_data_root, tmp_path):
     straight = tmp_path / "straight"
     trainUnsupervised.main(_unsupervised(tiny_data_root, straight, "--max-iters", "4", "--val-every", "2", "--no-tensorboard"))
     split = tmp_path / "split"
     # First half: the same schedule (max-iters 4) stopped after its checkpoint at iteration 2.
     args = _unsupervised(tiny_data_root, split, "--max-iters", "4", "--val-every", "2", "--no-tensorboard")
-    trainer_cls = trainUnsupervised.Trainer
-
-    class StopAtTwo(trainer_cls):
-        def save(self, filename):
-            super().save(filename)
-            if filename == "last.pth" and self.iteration == 2:
-                raise KeyboardInterrupt
-
-    trainUnsupervised.Trainer = StopAtTwo
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            trainUnsupervised.main(args)
-    finally:
-        trainUnsupervised.Trainer = trainer_cls
+    with stop_after(trainUnsupervised, 2), pytest.raises(StopTraining):
+        trainUnsupervised.main(args)
     assert load_checkpoint_file(split / "last.pth")["iteration"] == 2
     trainUnsupervised.main(_unsupervised(tiny_data_root, split, "--max-iters", "4", "--val-every", "2",
                                          "--no-tensorboard", "--resume", str(split / "last.pth")))
-    assert _losses(split) == _losses(straight)
+    assert losses(split) == losses(straight)
     final_straight, final_split = load_checkpoint_file(straight / "last.pth"), load_checkpoint_file(split / "last.pth")
     for network in ("model", "discriminator"):
         for key, value in final_straight[network].items():
@@ -54,6 +40,7 @@ def test_resumed_adversarial_run_equals_uninterrupted(tiny_data_root, tmp_path):
     assert final_straight["history"] == final_split["history"]
 
 
+@pytest.mark.slow
 def test_validation_does_not_change_the_training(tiny_data_root, tmp_path):
     """The demo validates less often than it used to; the scores of a stage must not depend on how
     often: a validation draws nothing from the training streams' generators or the global RNG."""
@@ -63,13 +50,14 @@ def test_validation_does_not_change_the_training(tiny_data_root, tmp_path):
         trainUnsupervised.main(_unsupervised(tiny_data_root, runs[every], "--discriminator", "dsc", "--max-iters", "4",
                                              "--val-every", str(every), "--no-tensorboard"))
     assert [entry["iteration"] for entry in load_checkpoint_file(runs[1] / "last.pth")["history"]] == [1, 2, 3, 4]
-    assert _losses(runs[1]) == _losses(runs[4])
+    assert losses(runs[1]) == losses(runs[4])
     often, rarely = load_checkpoint_file(runs[1] / "last.pth"), load_checkpoint_file(runs[4] / "last.pth")
     for network in ("model", "discriminator"):
         for key, value in often[network].items():
             assert torch.equal(value, rarely[network][key]), f"{network}.{key} depends on the validation cadence"
 
 
+@pytest.mark.slow
 def test_source_only_builds_no_discriminator_and_writes_run_files(tiny_data_root, tmp_path):
     run = tmp_path / "source_only"
     trainer = trainUnsupervised.main(_unsupervised(tiny_data_root, run, "--discriminator", "none", "--max-iters", "2", "--no-tensorboard"))
@@ -79,7 +67,7 @@ def test_source_only_builds_no_discriminator_and_writes_run_files(tiny_data_root
     info = json.loads((run / "run_info.json").read_text())
     assert info["args"]["discriminator"] == "none" and info["seed"] == 3 and "git_commit" in info
     assert (run / "best.pth").is_file() and (run / "metrics.json").is_file() and (run / "final_table.md").is_file()
-    assert set(_losses(run)[0]) == {"iteration", "loss_seg", "lr_model"}
+    assert set(losses(run)[0]) == {"iteration", "loss_seg", "lr_model"}
 
 
 @pytest.mark.parametrize("code,name", [("0", "fcd"), ("1", "dsc"), ("fcd", "fcd"), ("DSC", "dsc"), ("none", "none")])
@@ -108,6 +96,7 @@ def test_missing_dataset_fails_before_any_model_is_built(tmp_path, monkeypatch):
         trainUnsupervised.main(trainUnsupervised.get_args(["--data-root", str(empty), "--output-dir", str(tmp_path / "run")]))
 
 
+@pytest.mark.slow
 def test_adversarial_training_writes_readable_tensorboard_scalars(tiny_data_root, tmp_path):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -122,14 +111,15 @@ def test_adversarial_training_writes_readable_tensorboard_scalars(tiny_data_root
     assert accumulator.Tags()["images"]
 
 
+@pytest.mark.slow
 def test_supervised_training_lowers_the_loss(tiny_data_root, tmp_path):
     run = tmp_path / "supervised"
     trainSupervised.main(trainSupervised.get_args([
         "--data-root", str(tiny_data_root), "--output-dir", str(run), "--target-size", "64x32", "--batch-size", "2",
         "--workers", "0", "--no-progress", "--max-iters", "12", "--log-every", "3", "--no-tensorboard",
         "--learning-rate", "0.01"]))
-    losses = [entry["loss_seg"] for entry in _losses(run)]
-    assert losses[-1] < losses[0]
+    logged = [entry["loss_seg"] for entry in losses(run)]
+    assert logged[-1] < logged[0]
 
 
 def _conv_weights(path):
@@ -137,6 +127,7 @@ def _conv_weights(path):
     return {key: value for key, value in state.items() if value.dtype.is_floating_point and value.dim() == 4}
 
 
+@pytest.mark.slow
 def test_init_from_fine_tunes_from_the_checkpoint_weights(tiny_data_root, tmp_path):
     flags = ["--discriminator", "none", "--no-tensorboard"]
     trainUnsupervised.main(_unsupervised(tiny_data_root, tmp_path / "first", *flags, "--max-iters", "2"))
@@ -152,6 +143,7 @@ def test_init_from_fine_tunes_from_the_checkpoint_weights(tiny_data_root, tmp_pa
     assert load_checkpoint_file(tmp_path / "tuned" / "last.pth")["iteration"] == 1
 
 
+@pytest.mark.slow
 def test_init_from_refuses_a_checkpoint_of_another_input_convention(tiny_data_root, tmp_path):
     flags = ["--discriminator", "none", "--no-tensorboard", "--max-iters", "1"]
     trainUnsupervised.main(_unsupervised(tiny_data_root, tmp_path / "first", *flags))
