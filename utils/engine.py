@@ -101,7 +101,8 @@ def supervised_step(model, optimizer, scaler, precision, images, labels):
 
 
 def adversarial_step(model, discriminator, optimizer, optimizer_d, scaler, scaler_d, precision,
-                     source_images, source_labels, target_images, target_labels=None, lambda_adv=1e-3):
+                     source_images, source_labels, target_images, target_labels=None, lambda_adv=1e-3,
+                     target_terms=None, extra_terms=None):
     """One AdaptSegNet step: segmentation (+ fooling the discriminator), then discriminator.
 
     * source batch: cross-entropy on the three heads;
@@ -110,6 +111,12 @@ def adversarial_step(model, discriminator, optimizer, optimizer_d, scaler, scale
     * D is frozen during that update, then trained on detached softmax maps, source -> source
       label, target -> target label, mean of the two BCE terms.
     ``discriminator=None`` is the source-only baseline (with optional pseudo labels) in the same loop.
+
+    Hooks for the self-training methods of ``uda/`` (the engine knows none of them):
+    * ``target_terms(target_outputs) -> {name: (weight, loss)}``: more losses on the target forward
+      (e.g. entropy minimisation), added to its backward;
+    * ``extra_terms(model) -> (loss, {name: logged value})``: one more forward of its own (e.g. the
+      DACS mixed images), run under autocast and backpropagated before the optimizer step.
     """
     optimizer.zero_grad(set_to_none=True)
     if discriminator is not None:
@@ -128,7 +135,7 @@ def adversarial_step(model, discriminator, optimizer, optimizer_d, scaler, scale
     source_main = main_output(source_outputs).detach()
     del source_outputs
 
-    if discriminator is not None or target_labels is not None:
+    if discriminator is not None or target_labels is not None or target_terms is not None:
         loss_target = 0.0
         with precision.autocast():
             target_outputs = model(target_images)
@@ -140,8 +147,18 @@ def adversarial_step(model, discriminator, optimizer, optimizer_d, scaler, scale
             if target_labels is not None:
                 losses["loss_pseudo"] = segmentation_loss(target_outputs, target_labels)
                 loss_target = loss_target + losses["loss_pseudo"]
+            for name, (weight, loss) in (target_terms(target_outputs) if target_terms is not None else {}).items():
+                losses[name] = loss
+                loss_target = loss_target + weight * loss
         check_finite(losses)
         scaler.scale(loss_target).backward()
+        del target_outputs
+    if extra_terms is not None:
+        with precision.autocast():
+            loss_extra, logged = extra_terms(model)
+        losses.update(logged)
+        check_finite(logged)
+        scaler.scale(loss_extra).backward()
     scaler.step(optimizer)
     scaler.update()
 

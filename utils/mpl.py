@@ -86,6 +86,7 @@ from utils.engine import (SOURCE_DOMAIN, adversarial_step, check_finite, discrim
 from utils.optim import OPTIMIZERS
 from utils.options import non_negative_float, non_negative_int, positive_float, unit_interval
 from utils.pseudolabel_stats import MAX_THRESHOLD, ConfidenceHistogram, apply_thresholds, softmax_confidence
+from utils.seed import step_seed
 
 FEEDBACKS = ("pham", "course")
 DEFAULT_REFRESH = 100          # iterations between threshold refreshes
@@ -103,9 +104,6 @@ NOISE_STD = 0.1
 BRIGHTNESS = 0.2               # additive shift, uniform in [-0.2, 0.2] std
 CONTRAST = 0.2                 # factor around the per-channel mean, uniform in [0.8, 1.2]
 FLIP_PROBABILITY = 0.5
-
-_SEED_STRIDE = 1_000_003
-_SEED_MODULUS = 2 ** 63
 
 
 # ---------------------------------------------------------------------------- options
@@ -418,8 +416,7 @@ class MPLStep:
         """The augmentation generator, re-seeded from (seed, iteration, rank): resume-exact."""
         if self._generator is None or self._generator.device != device:
             self._generator = torch.Generator(device=device)
-        seed = ((self.seed * _SEED_STRIDE + iteration) * _SEED_STRIDE + get_rank()) % _SEED_MODULUS
-        self._generator.manual_seed(seed)
+        self._generator.manual_seed(step_seed(self.seed, iteration, get_rank()))
         return self._generator
 
     def __call__(self, source_images, source_labels, target_images, iteration):
