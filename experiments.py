@@ -8,6 +8,9 @@ Runs, for each seed, at a small size that fits a laptop CPU:
   4. adversarial with FCD                                   5. adversarial with DSC
   6. pseudo labels from the DSC model    7. DSC + pseudo labels, from the DSC model
   8. DSC + MPL (student and teacher), both starting from the DSC model
+  and the self-training rows beyond the report (uda/), each fine-tuning the source-only model:
+  DACS, DACS + DSC, FDA + DSC, entropy + DSC, DACS + DSC + rare-class sampling
+  (--methods: default the report's rows plus DACS + DSC; `all` runs every row)
 then scores every method on target val and writes into --output-dir:
   table1.md (per-class IoU, mIoU, pixel accuracy; mean ± std over seeds, Δ vs source only),
   table2.md (parameters and GFLOPs at 1024x512), miou_curves.png, qualitative.png, results.json.
@@ -17,6 +20,8 @@ Examples:
   python experiments.py --output-dir results/synthetic
   python experiments.py --output-dir results/synthetic --seeds 3
   python experiments.py --output-dir /tmp/toy --iterations 4 --val-every 2 --stages source_only fcd
+  python experiments.py --output-dir results/synthetic --seeds 3 --methods all
+  python experiments.py --output-dir results/synthetic --stages source_only dacs fda_dsc --methods dacs fda_dsc
 """
 import json
 import time
@@ -31,8 +36,8 @@ from model import load_bisenet
 from utils.builders import gta5_split, make_eval_loader, resolve_data, target_eval_dataset
 from utils.distributed import resolve_device
 from utils.evaluate import eval_mode, evaluate, predict_logits
-from utils.experiments import (BASELINE, METHODS, STAGE_BY_KEY, STAGE_KEYS, STAGES, Settings, run_stage, start_iteration,
-                               total_iterations)
+from utils.experiments import (BASELINE, DEFAULT_METHODS, METHOD_CHOICES, METHODS, STAGE_BY_KEY, STAGE_KEYS, Settings,
+                               run_stage, selected_stage_keys, start_iteration, total_iterations)
 from utils.logger import git_commit, write_json, write_text
 from utils.metrics import scores_from_json, scores_to_json
 from utils.optim import OPTIMIZERS
@@ -52,6 +57,8 @@ def get_args(argv=None):
     parser.add_argument("--seeds", type=positive_int, default=1, help="repeat every row with seeds 0..N-1 (mean ± std)")
     parser.add_argument("--stages", nargs="+", choices=STAGE_KEYS, default=list(STAGE_KEYS),
                         help="stages to run (those they need must have run before in --output-dir)")
+    parser.add_argument("--methods", nargs="+", choices=METHOD_CHOICES, default=list(DEFAULT_METHODS),
+                        help="Table I rows to train: report (the report's rows) and/or self-training rows; all = every row")
     parser.add_argument("--data-root", default=None, help="dataset root (default: the synthetic benchmark)")
     parser.add_argument("--source-size", type=size_type, default=size_type(defaults.source_size), help="GTA5 training size WIDTHxHEIGHT")
     parser.add_argument("--target-size", type=size_type, default=size_type(defaults.target_size),
@@ -203,11 +210,10 @@ def main(args):
     seed_dirs = [output_dir / "runs" / f"seed{seed}" for seed in range(args.seeds)]
     timings = {}
     started = time.perf_counter()
+    stages = [STAGE_BY_KEY[key] for key in selected_stage_keys(args.methods) if key in args.stages]
     for seed_dir in seed_dirs:
-        for number, stage in enumerate(STAGES, start=1):
-            if stage.key not in args.stages:
-                continue
-            print(f"\n===== seed {seed_dir.name[4:]} · stage {number}/{len(STAGES)}: {stage.title} =====", flush=True)
+        for number, stage in enumerate(stages, start=1):
+            print(f"\n===== seed {seed_dir.name[4:]} · stage {number}/{len(stages)}: {stage.title} =====", flush=True)
             timings[f"{seed_dir.name}/{stage.key}"] = run_stage(stage, settings, seed_dir)
 
     print("\n===== scoring every method on target val =====", flush=True)
