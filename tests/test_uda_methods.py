@@ -249,3 +249,23 @@ def test_rcs_probabilities_and_draws():
     assert share_of_image_3 == pytest.approx(expected, abs=0.03)
     sampler.epoch = 7
     assert torch.equal(sampler._epoch_order(), sampler._epoch_order())  # a pure function of (seed, epoch)
+
+
+# ---------------------------------------------------------------------------- layering
+def test_nothing_below_the_method_layer_imports_it():
+    """Imports flow scripts -> uda -> utils/model/dataset: a module under utils/, model/ or dataset/
+    that imported uda would make the layers circular."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    offenders, scanned = [], 0
+    for package in ("utils", "model", "dataset"):
+        for path in sorted((root / package).glob("*.py")):
+            scanned += 1
+            for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+                names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                         else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+                offenders += [f"{path.relative_to(root)}:{node.lineno}" for name in names
+                              if name == "uda" or name.startswith("uda.")]
+    assert scanned > 20 and offenders == []
