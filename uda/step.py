@@ -13,15 +13,13 @@ With none of these flags the step is exactly ``adversarial_step``.
 """
 import argparse
 
-import torch
-
 from uda.dacs import DACS, DEFAULT_EMA_DECAY, DEFAULT_PSEUDO_THRESHOLD
 from uda.entropy import DEFAULT_ENTROPY_WEIGHT, entropy_terms
 from uda.fda import FourierStyleTransfer
 from utils.distributed import get_rank
 from utils.engine import adversarial_step
 from utils.options import non_negative_float, positive_float, unit_interval
-from utils.seed import step_seed
+from utils.seed import StepGenerator
 
 SELF_TRAINING = ("none", "dacs")
 MAX_FDA_BETA = 0.5  # the window then covers every frequency
@@ -95,19 +93,12 @@ class SelfTrainingStep:
         self.scaler, self.scaler_d = scaler, scaler_d
         self.precision = precision
         self.lambda_adv = lambda_adv
-        self.seed = seed
         self.pseudo_labels = pseudo_labels
         self.uses_target = uses_target
         self.dacs = dacs
         self.fda = fda
         self.target_terms = entropy_terms(entropy_weight) if entropy_weight > 0 else None
-        self._generator = None
-
-    def generator(self, iteration, device):
-        if self._generator is None or self._generator.device != device:
-            self._generator = torch.Generator(device=device)
-        self._generator.manual_seed(step_seed(self.seed, iteration, get_rank()))
-        return self._generator
+        self.generator = StepGenerator(seed)  # FDA's target picks, ClassMix, crops, jitter, blur
 
     def __call__(self, batches, iteration):
         source_images, source_labels = batches["source"]["image"], batches["source"]["label"]
@@ -115,7 +106,7 @@ class SelfTrainingStep:
         target_images = target.get("image")
         extra_terms = None
         if self.fda is not None or self.dacs is not None:
-            generator = self.generator(iteration, source_images.device)
+            generator = self.generator(iteration, source_images.device, get_rank())
             if self.fda is not None:
                 source_images = self.fda(source_images, target_images, generator)
             if self.dacs is not None:

@@ -86,7 +86,7 @@ from utils.engine import (SOURCE_DOMAIN, adversarial_step, check_finite, discrim
 from utils.optim import OPTIMIZERS
 from utils.options import non_negative_float, non_negative_int, positive_float, unit_interval
 from utils.pseudolabel_stats import MAX_THRESHOLD, ConfidenceHistogram, apply_thresholds, softmax_confidence
-from utils.seed import step_seed
+from utils.seed import StepGenerator
 
 FEEDBACKS = ("pham", "course")
 DEFAULT_REFRESH = 100          # iterations between threshold refreshes
@@ -401,7 +401,7 @@ class MPLStep:
         self.uda_weight = uda_weight
         self.uda_ramp_iters = uda_ramp_iters
         self.seed = seed
-        self._generator = None
+        self._generator = StepGenerator(seed)
 
     def state_module(self):
         """The MPL state a resume needs (threshold histogram/thresholds, feedback baseline)."""
@@ -414,10 +414,7 @@ class MPLStep:
 
     def view_generator(self, iteration, device):
         """The augmentation generator, re-seeded from (seed, iteration, rank): resume-exact."""
-        if self._generator is None or self._generator.device != device:
-            self._generator = torch.Generator(device=device)
-        self._generator.manual_seed(step_seed(self.seed, iteration, get_rank()))
-        return self._generator
+        return self._generator(iteration, device, get_rank())
 
     def __call__(self, source_images, source_labels, target_images, iteration):
         student, teacher, precision = self.student, self.teacher, self.precision

@@ -44,6 +44,21 @@ def step_seed(seed, iteration, rank=0):
     return ((seed * SEED_STRIDE + iteration) * SEED_STRIDE + rank) % _SEED_MODULUS
 
 
+class StepGenerator:
+    """A ``torch.Generator`` on the step's device, re-seeded with ``step_seed`` at each call: the
+    random draws of iteration t are the same in a resumed run (one generator object, reused)."""
+
+    def __init__(self, seed):
+        self.seed = seed
+        self._generator = None
+
+    def __call__(self, iteration, device, rank=0):
+        if self._generator is None or self._generator.device != torch.device(device):
+            self._generator = torch.Generator(device=device)
+        self._generator.manual_seed(step_seed(self.seed, iteration, rank))
+        return self._generator
+
+
 def make_generator(seed):
     generator = torch.Generator()
     generator.manual_seed(seed)
