@@ -45,6 +45,7 @@ from utils.options import make_parser, non_negative_int, positive_float, positiv
 from utils.precision import Precision
 from utils.report import mean_std, plot_miou_curves, plot_qualitative, table1_markdown, table2_markdown
 from utils.cli import run_main
+from uda.step import fda_beta
 
 QUALITATIVE_IMAGES = 4
 COMPLEXITY_SIZE = (512, 1024)  # the report's Table II resolution (height, width)
@@ -80,6 +81,11 @@ def get_args(argv=None):
     parser.add_argument("--learning-rate", type=positive_float, default=defaults.learning_rate,
                         help="segmentation learning rate of every stage (poly decay within each stage)")
     parser.add_argument("--lambda-adv", type=float, default=defaults.lambda_adv, help="adversarial loss weight")
+    parser.add_argument("--fda-beta", type=fda_beta, default=defaults.fda_beta, help="FDA window of the FDA + DSC row")
+    parser.add_argument("--entropy-weight", type=positive_float, default=defaults.entropy_weight,
+                        help="entropy weight of the Entropy + DSC row")
+    parser.add_argument("--rcs-temperature", type=positive_float, default=defaults.rcs_temperature,
+                        help="rare-class sampling temperature of the DACS + DSC + RCS row")
     parser.add_argument("--workers", type=non_negative_int, default=defaults.workers, help="DataLoader workers")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
@@ -94,7 +100,8 @@ def _settings(args):
                     iterations=args.iterations, adapt_iterations=args.adapt_iterations,
                     pseudo_iterations=args.pseudo_iterations, mpl_iterations=args.mpl_iterations,
                     val_every=args.val_every, workers=args.workers, device=args.device, optimizer=args.optimizer,
-                    learning_rate=args.learning_rate, lambda_adv=args.lambda_adv,
+                    learning_rate=args.learning_rate, lambda_adv=args.lambda_adv, fda_beta=args.fda_beta,
+                    entropy_weight=args.entropy_weight, rcs_temperature=args.rcs_temperature,
                     progress=args.progress)
 
 

@@ -3,8 +3,10 @@
 One iteration, on top of the usual source loss (and, combined, the adversarial terms):
 
 1. **Teacher.** An exponential moving average (EMA) of the student labels the target batch:
-   hard pseudo labels (argmax) and their confidence (max softmax), in eval mode and without
-   gradients. ``q``, the share of the batch's target pixels whose confidence is at least
+   hard pseudo labels (argmax) and their confidence (max softmax), without gradients, in eval
+   mode with the averaged BatchNorm statistics (the official DACS code runs its teacher in train
+   mode, i.e. on the target batch's own statistics; with the demo's batches of 2 those are noise,
+   and eval mode leaves the teacher a pure function of the student's history). ``q``, the share of the batch's target pixels whose confidence is at least
    ``--pseudo-threshold`` (0.968 in DACS, ``ge`` as there), measures how much to trust them.
 2. **ClassMix.** For each source image, half of the classes present in its label (rounded up,
    drawn at random) are cut out and pasted onto a target image; the mixed label takes the source
