@@ -2,6 +2,8 @@
 against an independent reference: hand-built labels and spectra, the papers' formulas, brute force."""
 import json
 import math
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -208,29 +210,36 @@ def _brute_force_counts(dataset):
     return counts
 
 
+def _private_source_tree(tiny_data_root, tmp_path):
+    """A copy of the tiny GTA5 tree: the cache written beside it must not reach the shared fixture."""
+    return Path(shutil.copytree(tiny_data_root / "GTA5", tmp_path / "GTA5"))
+
+
 def test_rcs_frequencies_match_a_brute_force_count_and_are_cached(tiny_data_root, tmp_path, monkeypatch):
-    dataset = GTA5Dataset(tiny_data_root / "GTA5", split="all")
-    counts, pixels = cached_class_pixels(dataset, NUM_CLASSES, tmp_path, log=lambda message: None)
+    source_root = _private_source_tree(tiny_data_root, tmp_path)
+    dataset = GTA5Dataset(source_root, split="all")
+    counts, pixels = cached_class_pixels(dataset, NUM_CLASSES, tmp_path / "run", log=lambda message: None)
     expected = _brute_force_counts(dataset)
     assert np.array_equal(counts, expected)
     assert (pixels == 36 * 64).all()
     sampler = RareClassSampler(counts, pixels, 0.5, batch_size=2, seed=0, rank=0, world_size=1)
     assert np.allclose(sampler.frequencies, expected.sum(0) / expected.sum())
     # The cache sits beside the dataset and is read back without counting again.
-    cache = tiny_data_root / "GTA5" / "rcs_class_stats_all.json"
+    cache = source_root / "rcs_class_stats_all.json"
     assert json.loads(cache.read_text())["pixel_counts"] == expected.tolist()
+    assert not (tmp_path / "run").exists()
     monkeypatch.setattr(rare_class_sampling, "count_class_pixels", lambda *a, **k: pytest.fail("counted again"))
-    again, _ = cached_class_pixels(dataset, NUM_CLASSES, tmp_path, log=lambda message: None)
+    again, _ = cached_class_pixels(dataset, NUM_CLASSES, tmp_path / "run", log=lambda message: None)
     assert np.array_equal(again, expected)
 
 
 def test_rcs_caches_in_the_run_folder_when_the_dataset_is_read_only(tiny_data_root, tmp_path, monkeypatch):
-    dataset = GTA5Dataset(tiny_data_root / "GTA5", split="all")
-    dataset.split = "readonly"  # another cache name than the other test's
-    monkeypatch.setattr(rare_class_sampling, "_writable", lambda folder: False)
-    cached_class_pixels(dataset, NUM_CLASSES, tmp_path, log=lambda message: None)
-    assert (tmp_path / "rcs_class_stats_readonly.json").is_file()
-    assert not (tiny_data_root / "GTA5" / "rcs_class_stats_readonly.json").exists()
+    source_root = _private_source_tree(tiny_data_root, tmp_path)
+    dataset = GTA5Dataset(source_root, split="all")
+    monkeypatch.setattr(rare_class_sampling, "_writable", lambda folder: False)  # tests may run as root
+    cached_class_pixels(dataset, NUM_CLASSES, tmp_path / "run", log=lambda message: None)
+    assert (tmp_path / "run" / "rcs_class_stats_all.json").is_file()
+    assert not (source_root / "rcs_class_stats_all.json").exists()
 
 
 def test_rcs_probabilities_and_draws():
@@ -256,7 +265,6 @@ def test_nothing_below_the_method_layer_imports_it():
     """Imports flow scripts -> uda -> utils/model/dataset: a module under utils/, model/ or dataset/
     that imported uda would make the layers circular."""
     import ast
-    from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
     offenders, scanned = [], 0

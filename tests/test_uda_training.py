@@ -1,6 +1,7 @@
 """trainUnsupervised.py with the self-training flags of uda/, end to end on the tiny dataset tree."""
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -64,10 +65,14 @@ def test_dacs_resume_equals_the_uninterrupted_run_teacher_included(tiny_data_roo
 ], ids=["fda+dsc", "entropy+dsc", "entropy", "rcs", "dacs"])
 def test_each_method_trains_two_iterations(tiny_data_root, tmp_path, flags, logged):
     run = tmp_path / "run"
-    trainUnsupervised.main(_args(tiny_data_root, run, "--max-iters", "2", "--val-every", "2", *flags))
+    # Rare-class sampling caches its statistics beside the dataset: a private copy of the tree.
+    data_root = shutil.copytree(tiny_data_root, tmp_path / "data") if "--rare-class-sampling" in flags else tiny_data_root
+    trainUnsupervised.main(_args(data_root, run, "--max-iters", "2", "--val-every", "2", *flags))
     losses = _losses(run)
     assert [entry["iteration"] for entry in losses] == [1, 2]
     assert logged <= set(losses[0]) and all(math.isfinite(value) for entry in losses for value in entry.values())
     checkpoint = load_checkpoint_file(run / "last.pth")
     assert ("teacher" in checkpoint) == ("dacs" in flags)
     assert (run / "final_table.md").is_file()
+    if "--rare-class-sampling" in flags:
+        assert (data_root / "GTA5" / "rcs_class_stats_all.json").is_file()
