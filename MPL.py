@@ -27,7 +27,8 @@ Examples:
   python MPL.py --teacher-checkpoint runs/dsc/best.pth --thresholds runs/pseudo/thresholds.json --output-dir runs/mpl_fixed
 """
 from model import model_config as bisenet_config
-from uda.adversarial import add_adversarial_args, build_discriminator_parts
+from cli.method_options import add_adversarial_args
+from uda.adversarial import build_discriminator_parts
 from cli.builders import (initial_bisenet, load_initial_bisenet, make_eval_loader, maybe_compile, prepare_network,
                             resolve_data, source_train_dataset, target_eval_dataset, target_train_dataset,
                             train_stream)

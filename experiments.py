@@ -9,6 +9,9 @@ Runs, for each seed, at a small size that fits a laptop CPU:
   6. pseudo labels from the DSC model    7. DSC + pseudo labels, from the DSC model
   8. DSC + MPL (student and teacher), both starting from the DSC model, with the MPL paper's
      feedback (--feedback pham)        9. the same with the course's feedback rule (--feedback course)
+  and the self-training rows beyond the report (uda/), each fine-tuning the source-only model:
+  DACS, DACS + DSC, FDA + DSC, entropy + DSC, DACS + DSC + rare-class sampling
+  (--methods: default the report's rows plus DACS + DSC; `all` runs every row)
 then scores every method on target val and writes into --output-dir:
   table1.md (per-class IoU, mIoU, pixel accuracy; mean ± std over seeds, Δ vs source only),
   table2.md (parameters and GFLOPs at 1024x512), miou_curves.png, qualitative.png, results.json.
@@ -18,6 +21,8 @@ Examples:
   python experiments.py --output-dir results/synthetic
   python experiments.py --output-dir results/synthetic --seeds 3
   python experiments.py --output-dir /tmp/toy --iterations 4 --val-every 2 --stages source_only fcd
+  python experiments.py --output-dir results/synthetic --seeds 3 --methods all
+  python experiments.py --output-dir results/synthetic --stages source_only dacs fda_dsc --methods dacs fda_dsc
 """
 import json
 import time
@@ -32,8 +37,8 @@ from model import load_bisenet
 from cli.builders import gta5_split, make_eval_loader, resolve_data, target_eval_dataset
 from utils.distributed import resolve_device
 from engine.evaluate import eval_mode, evaluate, predict_logits
-from reporting.pipeline import (BASELINE, METHODS, STAGE_BY_KEY, STAGE_KEYS, STAGES, Settings, run_stage, start_iteration,
-                               total_iterations)
+from reporting.pipeline import (BASELINE, DEFAULT_METHODS, METHOD_CHOICES, METHODS, STAGE_BY_KEY, STAGE_KEYS, Settings,
+                               run_stage, selected_stage_keys, start_iteration, total_iterations)
 from utils.logger import git_commit, write_json, write_text
 from engine.metrics import scores_from_json, scores_to_json
 from engine.optim import OPTIMIZERS
@@ -41,6 +46,7 @@ from cli.options import make_parser, non_negative_int, positive_float, positive_
 from engine.precision import Precision
 from reporting.report import mean_std, plot_miou_curves, plot_qualitative, table1_markdown, table2_markdown
 from cli.entry import run_main
+from cli.method_options import fda_beta
 import createpseudolabels
 import MPL
 import trainSupervised
@@ -60,6 +66,8 @@ def get_args(argv=None):
     parser.add_argument("--seeds", type=positive_int, default=1, help="repeat every row with seeds 0..N-1 (mean ± std)")
     parser.add_argument("--stages", nargs="+", choices=STAGE_KEYS, default=list(STAGE_KEYS),
                         help="stages to run (those they need must have run before in --output-dir)")
+    parser.add_argument("--methods", nargs="+", choices=METHOD_CHOICES, default=list(DEFAULT_METHODS),
+                        help="Table I rows to train: report (the report's rows) and/or self-training rows; all = every row")
     parser.add_argument("--data-root", default=None, help="dataset root (default: the synthetic benchmark)")
     parser.add_argument("--source-size", type=size_type, default=size_type(defaults.source_size), help="GTA5 training size WIDTHxHEIGHT")
     parser.add_argument("--target-size", type=size_type, default=size_type(defaults.target_size),
@@ -81,6 +89,11 @@ def get_args(argv=None):
     parser.add_argument("--learning-rate", type=positive_float, default=defaults.learning_rate,
                         help="segmentation learning rate of every stage (poly decay within each stage)")
     parser.add_argument("--lambda-adv", type=float, default=defaults.lambda_adv, help="adversarial loss weight")
+    parser.add_argument("--fda-beta", type=fda_beta, default=defaults.fda_beta, help="FDA window of the FDA + DSC row")
+    parser.add_argument("--entropy-weight", type=positive_float, default=defaults.entropy_weight,
+                        help="entropy weight of the Entropy + DSC row")
+    parser.add_argument("--rcs-temperature", type=positive_float, default=defaults.rcs_temperature,
+                        help="rare-class sampling temperature of the DACS + DSC + RCS row")
     parser.add_argument("--workers", type=non_negative_int, default=defaults.workers, help="DataLoader workers")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
@@ -95,7 +108,8 @@ def _settings(args):
                     iterations=args.iterations, adapt_iterations=args.adapt_iterations,
                     pseudo_iterations=args.pseudo_iterations, mpl_iterations=args.mpl_iterations,
                     val_every=args.val_every, workers=args.workers, device=args.device, optimizer=args.optimizer,
-                    learning_rate=args.learning_rate, lambda_adv=args.lambda_adv,
+                    learning_rate=args.learning_rate, lambda_adv=args.lambda_adv, fda_beta=args.fda_beta,
+                    entropy_weight=args.entropy_weight, rcs_temperature=args.rcs_temperature,
                     progress=args.progress)
 
 
@@ -211,11 +225,10 @@ def main(args):
     seed_dirs = [output_dir / "runs" / f"seed{seed}" for seed in range(args.seeds)]
     timings = {}
     started = time.perf_counter()
+    stages = [STAGE_BY_KEY[key] for key in selected_stage_keys(args.methods) if key in args.stages]
     for seed_dir in seed_dirs:
-        for number, stage in enumerate(STAGES, start=1):
-            if stage.key not in args.stages:
-                continue
-            print(f"\n===== seed {seed_dir.name[4:]} · stage {number}/{len(STAGES)}: {stage.title} =====", flush=True)
+        for number, stage in enumerate(stages, start=1):
+            print(f"\n===== seed {seed_dir.name[4:]} · stage {number}/{len(stages)}: {stage.title} =====", flush=True)
             timings[f"{seed_dir.name}/{stage.key}"] = run_stage(stage, settings, seed_dir, STAGE_SCRIPTS[stage.script])
 
     print("\n===== scoring every method on target val =====", flush=True)

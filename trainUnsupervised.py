@@ -6,25 +6,34 @@ cross-entropy on target pseudo labels from createpseudolabels.py. --discriminato
 source-only baseline in the same loop. Validates on Cityscapes val (mIoU, pixel accuracy,
 per-class IoU), keeps last.pth and best.pth in --output-dir and prints the final table.
 
+Self-training methods (uda/, each combinable with any --discriminator): --self-training dacs (EMA
+teacher, ClassMix, confidence-weighted mixed loss; the teacher is checkpointed as "teacher"),
+--fda-beta B (Fourier amplitude swap of source images), --entropy-weight W (ADVENT entropy
+minimisation), --rare-class-sampling T (DAFormer's rare-class sampling of source images).
+
 Examples:
   python trainUnsupervised.py --output-dir runs/dsc --discriminator dsc --max-iters 300
   python trainUnsupervised.py --output-dir runs/dsc_pl --discriminator dsc --use-pseudolabels runs/pseudo
+  python trainUnsupervised.py --output-dir runs/dacs_dsc --discriminator dsc --self-training dacs --init-from runs/so/last.pth
   torchrun --standalone --nproc_per_node=4 trainUnsupervised.py --output-dir runs/dsc --batch-size 2 --sync-bn
 
 Under torchrun an iteration is a global step of --batch-size x processes samples per domain;
 see docs/multi-gpu.md.
 """
-from uda.adversarial import add_adversarial_args, add_pseudo_label_args, build_discriminator_parts, resolve_pseudo_label_dir
+from cli.method_options import (add_adversarial_args, add_pseudo_label_args, add_self_training_args, method_title,
+                                resolve_pseudo_label_dir, uses_target_batch)
+from uda.adversarial import build_discriminator_parts
 from cli.builders import (make_eval_loader, maybe_compile, resolve_data, segmentation_parts, source_train_dataset,
                             target_eval_dataset, target_train_dataset, train_stream)
 from utils.distributed import cleanup_distributed, wrap_ddp
-from engine.steps import adversarial_step
 from model import model_config as bisenet_config
 from cli.options import add_data_args, add_model_args, add_runtime_args, add_training_args, make_parser
 from cli.run import finish_run, make_image_logger, make_validator, resolve_schedule, start_run
 from engine.trainer import Trainer
 from dataset.normalization import get_normalization
 from cli.entry import run_main
+from uda.rare_class_sampling import rare_class_sampler
+from uda.step import build_dacs, build_step
 
 
 def get_args(argv=None):
@@ -34,6 +43,7 @@ def get_args(argv=None):
     add_training_args(parser)
     add_adversarial_args(parser)
     add_pseudo_label_args(parser)
+    add_self_training_args(parser)
     add_runtime_args(parser)
     return parser.parse_args(argv)
 
@@ -48,23 +58,25 @@ def main(args):
     context = start_run(args)
     device = context.device
 
+    source_sampler = rare_class_sampler(args, source, context.output_dir)
     model, optimizer = segmentation_parts(args, device)
     discriminator, optimizer_d, discriminator_config = build_discriminator_parts(args, device, args.num_classes)
     scaler, scaler_d = context.precision.grad_scaler(), context.precision.grad_scaler()
+    source_normalization = get_normalization(args.input_convention, "gta5")
+    target_normalization = get_normalization(args.input_convention, "cityscapes")
+    dacs = build_dacs(args, model, source_normalization, target_normalization)
 
     train_model = wrap_ddp(maybe_compile(model, args), device, find_unused_parameters=True)
     train_discriminator = wrap_ddp(discriminator, device) if discriminator is not None else None
-    streams = {"source": train_stream(args, source, device)}
-    uses_target = discriminator is not None or pseudo_dir is not None
+    streams = {"source": train_stream(args, source, device, sampler=source_sampler)}
+    uses_target = discriminator is not None or pseudo_dir is not None or uses_target_batch(args)
     if uses_target:  # source only reads no target batch: loading one would only take CPU from training
         streams["target"] = train_stream(args, target, device, seed_offset=1)
     max_iters = resolve_schedule(args, streams["source"].batches_per_epoch)
-
-    def step(batches, iteration):
-        return adversarial_step(
-            train_model, train_discriminator, optimizer, optimizer_d, scaler, scaler_d, context.precision,
-            batches["source"]["image"], batches["source"]["label"], batches["target"]["image"] if uses_target else None,
-            batches["target"].get("label") if pseudo_dir else None, lambda_adv=args.lambda_adv)
+    step = build_step(args, train_model=train_model, discriminator=train_discriminator, optimizer=optimizer,
+                      optimizer_d=optimizer_d, scaler=scaler, scaler_d=scaler_d, precision=context.precision,
+                      uses_target=uses_target, pseudo_labels=pseudo_dir is not None, dacs=dacs,
+                      source_normalization=source_normalization, target_normalization=target_normalization)
 
     networks = {"model": model}
     optimizers = {"model": (optimizer, args.learning_rate)}
@@ -75,20 +87,22 @@ def main(args):
         optimizers["discriminator"] = (optimizer_d, args.learning_rate_d)
         scalers["discriminator"] = scaler_d
         configs["discriminator"] = discriminator_config
+    if dacs is not None:  # the EMA teacher: checkpointed and restored like any network, no optimizer
+        networks["teacher"] = dacs.teacher
+        configs["teacher"] = bisenet_config(dacs.teacher, args.input_convention)
 
     val_loader = make_eval_loader(args, val, device)
     trainer = Trainer(
         args=args, output_dir=context.output_dir, device=device, networks=networks, optimizers=optimizers,
         scalers=scalers, streams=streams, step_fn=step, configs=configs, max_iters=max_iters,
         validate_fn=make_validator({"model": model}, val_loader, context, args.progress),
-        image_fn=make_image_logger(model, val, context, get_normalization(args.input_convention, "cityscapes")),
+        image_fn=make_image_logger(model, val, context, target_normalization),
         val_every=args.val_every, log_every=args.log_every, checkpoint_every=args.checkpoint_every,
         logger=context.logger, fp16_skipping=context.precision.mode == "fp16")
     if args.resume:
         trainer.resume(args.resume)
     trainer.run()
-    title = "source only" if discriminator is None else args.discriminator.upper()
-    finish_run(trainer, context, title + (" + PL" if pseudo_dir else ""))
+    finish_run(trainer, context, method_title(args, pseudo_labels=pseudo_dir is not None))
     cleanup_distributed()
     return trainer
 

@@ -1,6 +1,6 @@
 """Time of one MPL iteration relative to one adversarial iteration (same sizes, same device).
 
-The baseline is ``engine.steps.adversarial_step`` (BiSeNet + discriminator, one source and one
+The baseline is ``uda.adversarial.adversarial_step`` (BiSeNet + discriminator, one source and one
 target batch); MPL is ``uda.meta_pseudo_labels.MPLStep`` with the same sizes, a teacher of the same
 architecture and both feedback rules (pham: the student's extra step on the pseudo labels alone
 and two no-grad student forwards on the source batch; course: nothing beyond the teacher's
@@ -42,7 +42,7 @@ from model.discriminator import DISCRIMINATORS  # noqa: E402
 from utils.benchmark import device_name, load_average, time_callable, with_process_time  # noqa: E402
 from cli.builders import prepare_network, resolve_fast_paths  # noqa: E402
 from utils.distributed import resolve_device  # noqa: E402
-from engine.steps import adversarial_step  # noqa: E402
+from uda.adversarial import adversarial_step  # noqa: E402
 from utils.logger import write_json, write_text  # noqa: E402
 from uda.meta_pseudo_labels import DEFAULT_UDA_WEIGHT, Learner, MPLStep, PseudoLabeler  # noqa: E402
 from uda.mpl_feedback import CourseFeedback, PhamFeedback  # noqa: E402

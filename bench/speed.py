@@ -8,7 +8,7 @@ Sections (``--only``/``--skip`` choose; all by default):
   one (cudnn.benchmark, bf16/fp16 autocast, channels_last, torch.compile default / reduce-overhead
   (CUDA graphs) / max-autotune-no-cudagraphs); each entry also reports the share of pixels whose
   argmax agrees with a strict fp32 eager reference (TF32 off) on a batch of structured scenes.
-* ``training``: milliseconds per ``engine.steps.adversarial_step`` (BiSeNet + discriminator, source
+* ``training``: milliseconds per ``uda.adversarial.adversarial_step`` (BiSeNet + discriminator, source
   and target batch), naive (fp16 autocast with two GradScalers, NCHW, for-loop optimizers) against
   the levers, with the peak GPU memory; a short loss-curve comparison (fp32 vs naive AMP vs ours on a
   fixed batch); the same step fed by the project's real loaders (``BatchStream`` over PNG files).

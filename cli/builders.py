@@ -88,9 +88,9 @@ def target_eval_dataset(args, split="val", labeled=True):
                              labeled=labeled, skip_bad=args.skip_bad)
 
 
-def train_stream(args, dataset, device, seed_offset=0):
+def train_stream(args, dataset, device, seed_offset=0, sampler=None):
     return BatchStream(dataset, args.batch_size, seed=args.seed + seed_offset, num_workers=args.workers,
-                       pin_memory=device.type == "cuda")
+                       pin_memory=device.type == "cuda", sampler=sampler)
 
 
 def make_eval_loader(args, dataset, device, batch_size=1):

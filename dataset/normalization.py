@@ -45,6 +45,14 @@ class Normalization:
         std = torch.tensor(self.std, dtype=image.dtype, device=image.device).view(3, 1, 1)
         return (image - mean) / std
 
+    def to_pixels(self, tensor):
+        """Inverse of ``normalize_tensor``: a normalized (..., 3, H, W) tensor -> float RGB in 0..255
+        units (not clamped nor rounded), on the tensor's device; for batch augmentations in pixel space."""
+        mean = torch.tensor(self.mean, dtype=tensor.dtype, device=tensor.device).view(3, 1, 1)
+        std = torch.tensor(self.std, dtype=tensor.dtype, device=tensor.device).view(3, 1, 1)
+        image = tensor * std + mean
+        return image.flip(-3) if self.bgr else image
+
     def denormalize(self, tensor):
         """Inverse of ``__call__`` for one image: CxHxW tensor -> uint8 HxWx3 RGB array."""
         mean = torch.tensor(self.mean, dtype=tensor.dtype, device=tensor.device).view(3, 1, 1)

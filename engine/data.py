@@ -14,9 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from utils.distributed import get_rank, get_world_size
-from utils.seed import ignore_stop_signals, make_generator, seed_worker
-
-_SEED_STRIDE = 1_000_003  # separates the seed streams of different epochs and domains
+from utils.seed import SEED_STRIDE as _SEED_STRIDE, ignore_stop_signals, make_generator, seed_worker
 
 
 class SeededSamples(Dataset):
@@ -60,12 +58,17 @@ class EpochSampler(Sampler):
         self.epoch = epoch
         self.start_batch = start_batch
 
-    def _epoch_order(self):
-        if not self.shuffle:
-            return torch.arange(self.dataset_length)
+    def epoch_generator(self):
+        """A generator seeded by (seed, epoch): the epoch's order is a pure function of both."""
         generator = torch.Generator()
         generator.manual_seed(self.seed * _SEED_STRIDE + self.epoch)
-        return torch.randperm(self.dataset_length, generator=generator)
+        return generator
+
+    def _epoch_order(self):
+        """Dataset indices; position p of the epoch reads ``order[p]`` (subclasses draw other orders)."""
+        if not self.shuffle:
+            return torch.arange(self.dataset_length)
+        return torch.randperm(self.dataset_length, generator=self.epoch_generator())
 
     def __iter__(self):
         order = self._epoch_order()
@@ -85,8 +88,9 @@ class EpochSampler(Sampler):
 class BatchStream:
     """An endless, resumable iterator of batches over one dataset (one training domain)."""
 
-    def __init__(self, dataset, batch_size, seed=0, num_workers=0, shuffle=True, pin_memory=False):
-        self.sampler = EpochSampler(len(dataset), batch_size, seed=seed, shuffle=shuffle)
+    def __init__(self, dataset, batch_size, seed=0, num_workers=0, shuffle=True, pin_memory=False, sampler=None):
+        # ``sampler``: an EpochSampler (subclass) of another order, e.g. uda's rare-class sampling.
+        self.sampler = sampler if sampler is not None else EpochSampler(len(dataset), batch_size, seed=seed, shuffle=shuffle)
         self.loader = DataLoader(
             SeededSamples(dataset), batch_size=batch_size, sampler=self.sampler, num_workers=num_workers,
             pin_memory=pin_memory, drop_last=True, worker_init_fn=seed_worker,

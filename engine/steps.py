@@ -1,4 +1,6 @@
-"""Training steps shared by every script: supervised, adversarial (AdaptSegNet style), helpers.
+"""What every training step shares: the losses, the finiteness check, the supervised step.
+
+The methods' steps (adversarial alignment, meta pseudo labels, self-training) live in ``uda/``.
 
 Each step takes already-collated batches on the device and returns a dict of detached loss
 tensors; the loop (``engine.trainer``) decides when to synchronise with the host to log them.
@@ -9,10 +11,6 @@ import torch
 import torch.nn.functional as F
 
 from dataset.labels import IGNORE_INDEX
-
-# Domain labels of the discriminator (AdaptSegNet convention).
-SOURCE_DOMAIN = 0.0
-TARGET_DOMAIN = 1.0
 
 
 class NonFiniteLossError(RuntimeError):
@@ -62,12 +60,6 @@ def segmentation_loss(outputs, labels):
     # pseudo-label batch where nothing passed the thresholds).
     labeled = (labels != IGNORE_INDEX).sum().clamp(min=1)
     return sum(summed_cross_entropy(output, labels) / labeled for output in outputs)
-
-
-def domain_loss(discriminator, probabilities, domain):
-    """BCE-with-logits of the discriminator's map against a constant domain label."""
-    logits = discriminator(probabilities)
-    return F.binary_cross_entropy_with_logits(logits.float(), torch.full_like(logits, domain, dtype=torch.float32))
 
 
 def set_requires_grad(module, flag):
@@ -120,69 +112,3 @@ def supervised_step(model, optimizer, scaler, precision, images, labels):
     return {"loss_seg": loss.detach()}
 
 
-def adversarial_step(model, discriminator, optimizer, optimizer_d, scaler, scaler_d, precision,
-                     source_images, source_labels, target_images, target_labels=None, lambda_adv=1e-3):
-    """One AdaptSegNet step: segmentation (+ fooling the discriminator), then discriminator.
-
-    * source batch: cross-entropy on the three heads;
-    * target batch through the same network: ``lambda_adv`` x BCE of D(softmax(target)) against the
-      *source* label, plus cross-entropy against pseudo labels when ``target_labels`` is given;
-    * D is frozen during that update, then trained on detached softmax maps, source -> source
-      label, target -> target label, mean of the two BCE terms.
-    ``discriminator=None`` is the source-only baseline (with optional pseudo labels) in the same loop.
-    """
-    optimizer.zero_grad(set_to_none=True)
-    if discriminator is not None:
-        # The frozen pass goes through the unwrapped module: no gradients reach D's parameters,
-        # so a DistributedDataParallel wrapper must not wait for them.
-        frozen_discriminator = unwrap(discriminator)
-        set_requires_grad(frozen_discriminator, False)
-    # Forward and backward one domain at a time: the source graph is freed before the target one
-    # is built, and DistributedDataParallel sees matched forward/backward pairs.
-    with precision.autocast():
-        source_outputs = model(source_images)
-        loss_seg = segmentation_loss(source_outputs, source_labels)
-    losses = {"loss_seg": loss_seg}
-    check_finite(losses)
-    scaler.scale(loss_seg).backward()
-    source_main = main_output(source_outputs).detach()
-    del source_outputs
-
-    if discriminator is not None or target_labels is not None:
-        loss_target = 0.0
-        with precision.autocast():
-            target_outputs = model(target_images)
-            if discriminator is not None:
-                # One float32 softmax, shared by the adversarial and the discriminator losses.
-                target_probabilities = F.softmax(main_output(target_outputs).float(), dim=1)
-                losses["loss_adv"] = domain_loss(frozen_discriminator, target_probabilities, SOURCE_DOMAIN)
-                loss_target = lambda_adv * losses["loss_adv"]
-            if target_labels is not None:
-                losses["loss_pseudo"] = segmentation_loss(target_outputs, target_labels)
-                loss_target = loss_target + losses["loss_pseudo"]
-        check_finite(losses)
-        scaler.scale(loss_target).backward()
-    scaler.step(optimizer)
-    scaler.update()
-
-    if discriminator is not None:
-        losses["loss_d"] = discriminator_step(discriminator, optimizer_d, scaler_d, precision, source_main,
-                                              target_probabilities)
-    return {name: value.detach() for name, value in losses.items()}
-
-
-def discriminator_step(discriminator, optimizer, scaler, precision, source_logits, target_probabilities,
-                       loss_name="loss_d"):
-    """AdaptSegNet's discriminator step on detached maps: source -> source label, target -> target
-    label, mean of the two BCE terms. Returns the detached loss."""
-    set_requires_grad(unwrap(discriminator), True)
-    optimizer.zero_grad(set_to_none=True)
-    with precision.autocast():
-        source_probabilities = F.softmax(source_logits.detach().float(), dim=1)
-        loss_d = 0.5 * (domain_loss(discriminator, source_probabilities, SOURCE_DOMAIN)
-                        + domain_loss(discriminator, target_probabilities.detach(), TARGET_DOMAIN))
-    check_finite({loss_name: loss_d})
-    scaler.scale(loss_d).backward()
-    scaler.step(optimizer)
-    scaler.update()
-    return loss_d.detach()

@@ -52,6 +52,12 @@ class Settings:
     adapt_iterations: int = 120     # fine-tuning: the control, FCD, DSC
     pseudo_iterations: int = 120    # DSC + PL, from the DSC model
     mpl_iterations: int = 60        # DSC + MPL (each feedback rule), teacher and student from the DSC model
+    # Self-training rows (uda/), fine-tuning the source-only model for adapt_iterations like FCD/DSC.
+    # FDA's and DAFormer's published values; the window and the temperature are relative, so they
+    # mean the same at the demo's size. ADVENT weights its entropy term 1e-3 against a mean CE.
+    fda_beta: float = 0.01
+    entropy_weight: float = 1e-3
+    rcs_temperature: float = 0.01
     val_every: int = 250
     workers: int = 2
     device: str = "auto"
@@ -95,13 +101,14 @@ def _checkpoint(seed_dir, stage_key):
 
 def _train(key, *extra, adversarial=False):
     """argv builder of a training stage: the shared flags, its length, its parent's weights, ``extra``
-    (``{seed_dir}`` in it is filled in), and the adversarial weight for adversarial stages."""
+    (``{seed_dir}`` and ``{settings.NAME}`` in it are filled in), and the adversarial weight for
+    adversarial stages."""
     def argv(settings, run_dir, seed_dir):
         words = ["--output-dir", str(run_dir), *settings.common(_seed(seed_dir), settings.stage_iterations(key))]
         parent = STAGE_BY_KEY[key].parent
         if parent:
             words += ["--init-from", _checkpoint(seed_dir, parent)]
-        words += [word.format(seed_dir=seed_dir) for word in extra]
+        words += [word.format(seed_dir=seed_dir, settings=settings) for word in extra]
         if adversarial:
             words += ["--lambda-adv", str(settings.lambda_adv)]
         return words
@@ -127,6 +134,13 @@ STAGE_ARGS = {
                   adversarial=True),
     "mpl_course": _train("mpl_course", "--discriminator", "dsc", "--feedback", "course", "--teacher-checkpoint",
                          "{seed_dir}/dsc/last.pth", adversarial=True),
+    "dacs": _train("dacs", "--discriminator", "none", "--self-training", "dacs"),
+    "dacs_dsc": _train("dacs_dsc", "--discriminator", "dsc", "--self-training", "dacs", adversarial=True),
+    "fda_dsc": _train("fda_dsc", "--discriminator", "dsc", "--fda-beta", "{settings.fda_beta}", adversarial=True),
+    "entropy_dsc": _train("entropy_dsc", "--discriminator", "dsc", "--entropy-weight", "{settings.entropy_weight}",
+                          adversarial=True),
+    "dacs_dsc_rcs": _train("dacs_dsc_rcs", "--discriminator", "dsc", "--self-training", "dacs",
+                           "--rare-class-sampling", "{settings.rcs_temperature}", adversarial=True),
 }
 
 STAGES = (
@@ -139,6 +153,11 @@ STAGES = (
     Stage("dsc_pl", "DSC + PL", "trainUnsupervised", needs=("pseudo",), parent="dsc"),
     Stage("mpl", "DSC + MPL, the MPL paper's feedback (pham)", "MPL", parent="dsc"),
     Stage("mpl_course", "DSC + MPL, the course's feedback rule", "MPL", parent="dsc"),
+    Stage("dacs", "DACS", "trainUnsupervised", parent="source_only"),
+    Stage("dacs_dsc", "DACS + DSC", "trainUnsupervised", parent="source_only"),
+    Stage("fda_dsc", "FDA + DSC", "trainUnsupervised", parent="source_only"),
+    Stage("entropy_dsc", "Entropy minimisation + DSC", "trainUnsupervised", parent="source_only"),
+    Stage("dacs_dsc_rcs", "DACS + DSC + rare-class sampling", "trainUnsupervised", parent="source_only"),
 )
 STAGE_KEYS = tuple(stage.key for stage in STAGES)
 STAGE_BY_KEY = {stage.key: stage for stage in STAGES}
@@ -155,8 +174,34 @@ METHODS = (
     ("DSC + MPL pham (teacher)", "mpl", "teacher"),
     ("DSC + MPL course (student)", "mpl_course", "model"),
     ("DSC + MPL course (teacher)", "mpl_course", "teacher"),
+    ("DACS", "dacs", "model"),
+    ("DACS + DSC", "dacs_dsc", "model"),
+    ("FDA + DSC", "fda_dsc", "model"),
+    ("Entropy + DSC", "entropy_dsc", "model"),
+    ("DACS + DSC + RCS", "dacs_dsc_rcs", "model"),
 )
 BASELINE = "Source only"
+
+# --methods: the report's rows (every stage above up to MPL) and the self-training rows, one each.
+REPORT_METHODS = "report"
+SELF_TRAINING_METHODS = ("dacs", "dacs_dsc", "fda_dsc", "entropy_dsc", "dacs_dsc_rcs")
+METHOD_CHOICES = (REPORT_METHODS, *SELF_TRAINING_METHODS, "all")
+# The default pipeline: the report's rows plus the one new row expected to be the best (DACS + DSC:
+# DACS is the strongest of these methods in the literature, and the discriminator combines with it).
+DEFAULT_METHODS = (REPORT_METHODS, "dacs_dsc")
+
+
+def selected_stage_keys(methods):
+    """The stage keys that ``--methods`` asks for, in pipeline order."""
+    methods = set(methods)
+    if "all" in methods:
+        return STAGE_KEYS
+    wanted = set(methods & set(SELF_TRAINING_METHODS))
+    if REPORT_METHODS in methods:
+        wanted |= set(STAGE_KEYS) - set(SELF_TRAINING_METHODS)
+    if wanted & set(SELF_TRAINING_METHODS):
+        wanted.add("source_only")  # every new row fine-tunes it
+    return tuple(key for key in STAGE_KEYS if key in wanted)
 
 
 def total_iterations(settings, key):

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from model import build_bisenet, build_discriminator
-from engine.steps import (NonFiniteLossError, adversarial_step, buffers_restored_on_refusal, segmentation_loss,
-                          summed_cross_entropy, supervised_step)
+from engine.steps import NonFiniteLossError, buffers_restored_on_refusal, segmentation_loss, summed_cross_entropy, supervised_step
+from uda.adversarial import adversarial_step
 from engine.optim import build_optimizer, poly_lr
 from engine.precision import Precision
 

@@ -10,8 +10,10 @@ import pytest
 import experiments
 from dataset.labels import CLASS_NAMES, SHORT_NAMES
 from model import build_bisenet, build_discriminator
-from reporting.pipeline import (BASELINE, METHODS, STAGE_ARGS, STAGE_BY_KEY, Settings, Stage, run_stage,
-                               start_iteration, total_iterations)
+import trainUnsupervised
+from reporting.pipeline import (BASELINE, DEFAULT_METHODS, METHODS, SELF_TRAINING_METHODS, STAGE_ARGS, STAGE_BY_KEY,
+                                STAGE_KEYS, Settings, Stage, run_stage, selected_stage_keys, start_iteration,
+                                total_iterations)
 from reporting.report import table1_markdown
 
 REPO = Path(__file__).resolve().parents[1]
@@ -109,10 +111,14 @@ def test_pipeline_produces_every_table_row_and_file(tiny_data_root, tmp_path, on
         assert (out / name).read_bytes().startswith(b"\x89PNG"), name
     results = json.loads((out / "results.json").read_text())
     assert results == json.loads(json.dumps(summary)) and results["seeds"] == [0] and "git_commit" in results
-    assert set(results["methods"]) == {label for label, _, _ in METHODS}
+    selected = {label for label, stage, _ in METHODS if stage in selected_stage_keys(DEFAULT_METHODS)}
+    assert "DACS + DSC" in selected and "FDA + DSC" not in selected  # the default: report rows + the best new one
+    assert set(results["methods"]) == selected
     assert_tables_agree_with_results(out)
     # Each row is the run's own last validation of the weights it scores.
     for label, stage, network in METHODS:
+        if label not in selected:
+            continue
         record = json.loads((out / "runs" / "seed0" / stage / "metrics.json").read_text())["history"][-1]
         assert record["iteration"] == Settings(**results["settings"]).stage_iterations(stage), label
         scores = record["scores"].get(network, next(iter(record["scores"].values())))
@@ -146,6 +152,29 @@ def test_adaptation_stages_fine_tune_their_parent_and_count_its_iterations(tmp_p
                                                        "mpl_course")} == {
         "supervised": 12, "source_only_ft": 13, "fcd": 13, "dsc_pl": 17, "mpl": 15, "mpl_course": 15}
     assert start_iteration(settings, "dsc_pl") == 13 and start_iteration(settings, "source_only") == 0
+
+
+def test_self_training_rows_fine_tune_source_only_with_their_flags(tmp_path):
+    settings = Settings(iterations=10, adapt_iterations=3, fda_beta=0.02, entropy_weight=0.5, rcs_temperature=0.1)
+    seed_dir = tmp_path / "seed0"
+    parsed = {key: trainUnsupervised.get_args(STAGE_BY_KEY[key].argv(settings, seed_dir / key, seed_dir))
+              for key in SELF_TRAINING_METHODS}
+    for key, args in parsed.items():
+        assert args.init_from == str(seed_dir / "source_only" / "last.pth") and args.max_iters == 3, key
+        assert total_iterations(settings, key) == 13
+    assert (parsed["dacs"].self_training, parsed["dacs"].discriminator) == ("dacs", "none")
+    assert (parsed["dacs_dsc"].self_training, parsed["dacs_dsc"].discriminator) == ("dacs", "dsc")
+    assert parsed["fda_dsc"].fda_beta == 0.02 and parsed["fda_dsc"].self_training == "none"
+    assert parsed["entropy_dsc"].entropy_weight == 0.5 and parsed["entropy_dsc"].discriminator == "dsc"
+    assert parsed["dacs_dsc_rcs"].rare_class_sampling == 0.1 and parsed["dacs_dsc_rcs"].self_training == "dacs"
+
+
+def test_methods_select_their_stages():
+    report = selected_stage_keys(["report"])
+    assert "mpl" in report and not set(report) & set(SELF_TRAINING_METHODS)
+    assert selected_stage_keys(["fda_dsc"]) == ("source_only", "fda_dsc")  # the row and the model it fine-tunes
+    assert selected_stage_keys(["all"]) == STAGE_KEYS
+    assert selected_stage_keys(DEFAULT_METHODS) == report + ("dacs_dsc",)
 
 
 def _scores(miou):

@@ -23,7 +23,7 @@ from model import (
     model_config,
     resolve_discriminator_name,
 )
-from uda.adversarial import discriminator_type
+from cli.method_options import discriminator_type
 from utils.checkpoint import CHECKPOINT_FORMAT, CheckpointError
 
 torch.set_num_threads(2)

@@ -11,7 +11,8 @@ from dataset.labels import NUM_CLASSES
 from model import build_bisenet, build_discriminator, load_bisenet, model_config
 from tests.helpers import StopTraining, losses, stop_after, tiny_run
 from utils.checkpoint import CHECKPOINT_FORMAT, load_checkpoint_file
-from engine.steps import SOURCE_DOMAIN, adversarial_step, domain_loss, main_output, segmentation_loss, set_requires_grad
+from engine.steps import main_output, segmentation_loss, set_requires_grad
+from uda.adversarial import SOURCE_DOMAIN, adversarial_step, domain_loss
 from cli.mpl_options import read_thresholds, resolve_mpl_args
 from uda.meta_pseudo_labels import (DEFAULT_REFRESH, Learner, MPLStep, PseudoLabeler, augment_view, flip_where,
                                     pseudo_label_loss)

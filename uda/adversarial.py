@@ -1,55 +1,23 @@
-"""Options and set-up shared by the adaptation scripts (trainUnsupervised.py, MPL.py)."""
-import argparse
-from pathlib import Path
+"""Adversarial output-space alignment (AdaptSegNet): the segmentation network learns to fool a
+discriminator (FCD or the light DSC) that tells its source softmax maps from its target ones.
 
-from dataset.common import DatasetError
-from model import build_discriminator, resolve_discriminator_name
-from engine.optim import OPTIMIZERS, build_optimizer
+One step (``adversarial_step``): the source cross-entropy; on the target batch ``lambda_adv`` x the
+discriminator's loss against the *source* label (with D frozen), plus pseudo-label and any
+self-training terms; then the discriminator learns source -> 0, target -> 1 on detached maps
+(``discriminator_step``). The flags are in ``cli.method_options``.
+"""
+import torch
+import torch.nn.functional as F
 
+from model import build_discriminator
+from engine.optim import build_optimizer
+from engine.steps import (check_finite, main_output, segmentation_loss, set_requires_grad, unwrap)
+
+# Domain labels of the discriminator (AdaptSegNet convention).
+SOURCE_DOMAIN = 0.0
+TARGET_DOMAIN = 1.0
 DEFAULT_LAMBDA_ADV = 1e-3
 DEFAULT_LR_D = 1e-4
-
-
-def discriminator_type(text):
-    try:
-        return resolve_discriminator_name(text)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
-def add_adversarial_args(parser, default="dsc", allow_none=True):
-    group = parser.add_argument_group("adversarial adaptation")
-    group.add_argument("--discriminator", type=discriminator_type, default=default,
-                       help="fcd (fully convolutional), dsc (depthwise-separable)"
-                            + (", none (source-only baseline)" if allow_none else "")
-                            + "; the old numeric codes 0 = FCD and 1 = DSC are accepted")
-    group.add_argument("--optimizer-d", choices=OPTIMIZERS, default="adam", help="discriminator optimizer")
-    group.add_argument("--learning-rate-d", type=float, default=DEFAULT_LR_D, help="discriminator initial learning rate (poly decay)")
-    group.add_argument("--lambda-adv", type=float, default=DEFAULT_LAMBDA_ADV, help="weight of the adversarial loss")
-    return group
-
-
-def add_pseudo_label_args(parser):
-    group = parser.add_argument_group("pseudo labels")
-    group.add_argument("--use-pseudolabels", metavar="DIR", default=None,
-                       help="train the target branch on the pseudo labels that createpseudolabels.py wrote to DIR")
-    group.add_argument("--usepseudolabels", type=int, choices=(0, 1), default=0,
-                       help="old spelling: 1 = use the pseudo labels in --pseudo-path")
-    group.add_argument("--pseudo-path", "--pseudolabels-path", dest="pseudo_path", default=None,
-                       help="old spelling's folder of pseudo labels (with --usepseudolabels 1)")
-    return group
-
-
-def resolve_pseudo_label_dir(args):
-    """The one pseudo-label folder the flags name (new or old spelling), or None."""
-    if args.usepseudolabels and args.use_pseudolabels is None:
-        if args.pseudo_path is None:
-            raise DatasetError("--usepseudolabels 1 needs --pseudo-path DIR (or use --use-pseudolabels DIR)")
-        args.use_pseudolabels = args.pseudo_path
-    if args.use_pseudolabels is not None and not Path(args.use_pseudolabels).is_dir():
-        raise DatasetError(f"--use-pseudolabels {args.use_pseudolabels}: no such folder "
-                         f"(create it with createpseudolabels.py --output-dir {args.use_pseudolabels})")
-    return args.use_pseudolabels
 
 
 def build_discriminator_parts(args, device, num_classes):
@@ -60,3 +28,94 @@ def build_discriminator_parts(args, device, num_classes):
     optimizer = build_optimizer(args.optimizer_d, discriminator.parameters(), args.learning_rate_d,
                                 weight_decay=0.0 if args.optimizer_d != "sgd" else None, momentum=args.momentum)
     return discriminator, optimizer, {"name": args.discriminator, "num_classes": num_classes}
+
+
+def domain_loss(discriminator, probabilities, domain):
+    """BCE-with-logits of the discriminator's map against a constant domain label."""
+    logits = discriminator(probabilities)
+    return F.binary_cross_entropy_with_logits(logits.float(), torch.full_like(logits, domain, dtype=torch.float32))
+
+
+def adversarial_step(model, discriminator, optimizer, optimizer_d, scaler, scaler_d, precision,
+                     source_images, source_labels, target_images, target_labels=None, lambda_adv=DEFAULT_LAMBDA_ADV,
+                     target_terms=None, extra_terms=None):
+    """One AdaptSegNet step: segmentation (+ fooling the discriminator), then discriminator.
+
+    * source batch: cross-entropy on the three heads;
+    * target batch through the same network: ``lambda_adv`` x BCE of D(softmax(target)) against the
+      *source* label, plus cross-entropy against pseudo labels when ``target_labels`` is given;
+    * D is frozen during that update, then trained on detached softmax maps, source -> source
+      label, target -> target label, mean of the two BCE terms.
+    ``discriminator=None`` is the source-only baseline (with optional pseudo labels) in the same loop.
+
+    Hooks for the self-training methods of ``uda/`` (the engine knows none of them):
+    * ``target_terms(target_outputs) -> {name: (weight, loss)}``: more losses on the target forward
+      (e.g. entropy minimisation), added to its backward;
+    * ``extra_terms(model) -> (loss, {name: logged value})``: one more forward of its own (e.g. the
+      DACS mixed images), run under autocast and backpropagated before the optimizer step.
+    """
+    optimizer.zero_grad(set_to_none=True)
+    if discriminator is not None:
+        # The frozen pass goes through the unwrapped module: no gradients reach D's parameters,
+        # so a DistributedDataParallel wrapper must not wait for them.
+        frozen_discriminator = unwrap(discriminator)
+        set_requires_grad(frozen_discriminator, False)
+    # Forward and backward one domain at a time: the source graph is freed before the target one
+    # is built, and DistributedDataParallel sees matched forward/backward pairs.
+    with precision.autocast():
+        source_outputs = model(source_images)
+        loss_seg = segmentation_loss(source_outputs, source_labels)
+    losses = {"loss_seg": loss_seg}
+    check_finite(losses)
+    scaler.scale(loss_seg).backward()
+    source_main = main_output(source_outputs).detach()
+    del source_outputs
+
+    if discriminator is not None or target_labels is not None or target_terms is not None:
+        loss_target = 0.0
+        with precision.autocast():
+            target_outputs = model(target_images)
+            if discriminator is not None:
+                # One float32 softmax, shared by the adversarial and the discriminator losses.
+                target_probabilities = F.softmax(main_output(target_outputs).float(), dim=1)
+                losses["loss_adv"] = domain_loss(frozen_discriminator, target_probabilities, SOURCE_DOMAIN)
+                loss_target = lambda_adv * losses["loss_adv"]
+            if target_labels is not None:
+                losses["loss_pseudo"] = segmentation_loss(target_outputs, target_labels)
+                loss_target = loss_target + losses["loss_pseudo"]
+            for name, (weight, loss) in (target_terms(target_outputs) if target_terms is not None else {}).items():
+                losses[name] = loss
+                loss_target = loss_target + weight * loss
+        check_finite(losses)
+        scaler.scale(loss_target).backward()
+        del target_outputs
+    if extra_terms is not None:
+        with precision.autocast():
+            loss_extra, logged = extra_terms(model)
+        losses.update(logged)
+        check_finite(logged)
+        scaler.scale(loss_extra).backward()
+    scaler.step(optimizer)
+    scaler.update()
+
+    if discriminator is not None:
+        losses["loss_d"] = discriminator_step(discriminator, optimizer_d, scaler_d, precision, source_main,
+                                              target_probabilities)
+    return {name: value.detach() for name, value in losses.items()}
+
+
+def discriminator_step(discriminator, optimizer, scaler, precision, source_logits, target_probabilities,
+                       loss_name="loss_d"):
+    """AdaptSegNet's discriminator step on detached maps: source -> source label, target -> target
+    label, mean of the two BCE terms. Returns the detached loss."""
+    set_requires_grad(unwrap(discriminator), True)
+    optimizer.zero_grad(set_to_none=True)
+    with precision.autocast():
+        source_probabilities = F.softmax(source_logits.detach().float(), dim=1)
+        loss_d = 0.5 * (domain_loss(discriminator, source_probabilities, SOURCE_DOMAIN)
+                        + domain_loss(discriminator, target_probabilities.detach(), TARGET_DOMAIN))
+    check_finite({loss_name: loss_d})
+    scaler.scale(loss_d).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    return loss_d.detach()

@@ -54,10 +54,11 @@ from torch import nn
 
 from dataset.labels import IGNORE_INDEX, NUM_CLASSES
 from utils.distributed import get_rank
-from engine.steps import (SOURCE_DOMAIN, check_finite, discriminator_step, domain_loss,
-                          main_output, segmentation_loss, set_requires_grad, unwrap)
+from engine.steps import check_finite, main_output, segmentation_loss, set_requires_grad, unwrap
+from uda.adversarial import SOURCE_DOMAIN, discriminator_step, domain_loss
 from uda.mpl_feedback import mean_over_ranks
 from uda.pseudolabel_stats import MAX_THRESHOLD, ConfidenceHistogram, apply_thresholds, softmax_confidence
+from utils.seed import StepGenerator
 
 DEFAULT_REFRESH = 100          # iterations between threshold refreshes
 DEFAULT_UDA_WEIGHT = 1.0
@@ -69,8 +70,6 @@ BRIGHTNESS = 0.2               # additive shift, uniform in [-0.2, 0.2] std
 CONTRAST = 0.2                 # factor around the per-channel mean, uniform in [0.8, 1.2]
 FLIP_PROBABILITY = 0.5
 
-_SEED_STRIDE = 1_000_003
-_SEED_MODULUS = 2 ** 63
 
 
 # ---------------------------------------------------------------------------- pseudo labels
@@ -185,7 +184,7 @@ class MPLStep:
         self.uda_weight = uda_weight
         self.uda_ramp_iters = uda_ramp_iters
         self.seed = seed
-        self._generator = None
+        self._generator = StepGenerator(seed)
 
     def state_module(self):
         """The MPL state a resume needs (threshold histogram/thresholds, feedback baseline)."""
@@ -203,11 +202,7 @@ class MPLStep:
 
     def view_generator(self, iteration, device):
         """The augmentation generator, re-seeded from (seed, iteration, rank): resume-exact."""
-        if self._generator is None or self._generator.device != device:
-            self._generator = torch.Generator(device=device)
-        seed = ((self.seed * _SEED_STRIDE + iteration) * _SEED_STRIDE + get_rank()) % _SEED_MODULUS
-        self._generator.manual_seed(seed)
-        return self._generator
+        return self._generator(iteration, device, get_rank())
 
     def __call__(self, source_images, source_labels, target_images, iteration):
         student, teacher, precision = self.student, self.teacher, self.precision

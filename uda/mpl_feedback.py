@@ -59,7 +59,8 @@ import torch.distributed as dist
 from torch import nn
 
 from utils.distributed import get_world_size, is_distributed
-from engine.steps import adversarial_step, check_finite, segmentation_loss, unwrap
+from engine.steps import check_finite, segmentation_loss, unwrap
+from uda.adversarial import adversarial_step
 
 FEEDBACKS = ("pham", "course")
 DEFAULT_BASELINE_DECAY = 0.99  # the official code's moving average of h

@@ -32,6 +32,33 @@ def seed_worker(worker_id):
     random.seed(worker_seed)
 
 
+SEED_STRIDE = 1_000_003  # separates seed streams (epochs, iterations, ranks, domains)
+_SEED_MODULUS = 2 ** 63
+
+
+def step_seed(seed, iteration, rank=0):
+    """The seed of the random draws a training step makes on the device (augmented views, mixing
+    masks): a pure function of (run seed, iteration, rank), so a resumed run draws exactly the same
+    ones without storing any generator state (the global RNG is no use for that: the data streams
+    consume it when they are re-positioned)."""
+    return ((seed * SEED_STRIDE + iteration) * SEED_STRIDE + rank) % _SEED_MODULUS
+
+
+class StepGenerator:
+    """A ``torch.Generator`` on the step's device, re-seeded with ``step_seed`` at each call: the
+    random draws of iteration t are the same in a resumed run (one generator object, reused)."""
+
+    def __init__(self, seed):
+        self.seed = seed
+        self._generator = None
+
+    def __call__(self, iteration, device, rank=0):
+        if self._generator is None or self._generator.device != torch.device(device):
+            self._generator = torch.Generator(device=device)
+        self._generator.manual_seed(step_seed(self.seed, iteration, rank))
+        return self._generator
+
+
 def make_generator(seed):
     generator = torch.Generator()
     generator.manual_seed(seed)

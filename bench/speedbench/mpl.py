@@ -3,7 +3,7 @@ adversarial iteration, same sizes and the scripts' default settings."""
 from dataset.labels import NUM_CLASSES
 from uda.adversarial import DEFAULT_LAMBDA_ADV
 from utils.benchmark import time_callable
-from engine.steps import adversarial_step
+from uda.adversarial import adversarial_step
 from engine.precision import Precision
 
 from .common import Job, bind, cudnn_flags, quantiles, size_text

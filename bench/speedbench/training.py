@@ -1,4 +1,4 @@
-"""Section ``training``: milliseconds per ``engine.steps.adversarial_step``, naive against the levers,
+"""Section ``training``: milliseconds per ``uda.adversarial.adversarial_step``, naive against the levers,
 with the peak GPU memory; the loss-curve comparison; the same step fed by the real loaders."""
 import contextlib
 import os
@@ -10,7 +10,7 @@ import torch
 from model import build_bisenet, build_discriminator
 from uda.adversarial import DEFAULT_LAMBDA_ADV, DEFAULT_LR_D
 from utils.benchmark import time_callable
-from engine.steps import adversarial_step
+from uda.adversarial import adversarial_step
 from cli.options import DEFAULT_LR
 from engine.precision import Precision
 
@@ -80,17 +80,18 @@ def measure_training(bench, context_path, discriminator_name, config):
 
 @contextlib.contextmanager
 def finite_checks(enabled):
-    """With ``enabled=False``, ``engine.steps.check_finite`` does nothing while the block runs: what
-    the step would cost without its host synchronisations (the measurement only; never in training)."""
-    import engine.steps as engine
+    """With ``enabled=False``, the adversarial step's ``check_finite`` does nothing while the block
+    runs: what the step would cost without its host synchronisations (the measurement only; never in
+    training)."""
+    import uda.adversarial as adversarial
 
-    original = engine.check_finite
+    original = adversarial.check_finite
     if not enabled:
-        engine.check_finite = lambda losses: None
+        adversarial.check_finite = lambda losses: None
     try:
         yield
     finally:
-        engine.check_finite = original
+        adversarial.check_finite = original
 
 
 def _train_settings(bench, context_path, discriminator, config):
@@ -101,7 +102,7 @@ def _train_settings(bench, context_path, discriminator, config):
             "discriminator_channels_last": config.discriminator_channels_last,
             "cudnn_benchmark": config.cudnn_benchmark, "optimizers": config.optimizer,
             "compile": config.compile or "off", "finite_checks": config.finite_checks,
-            "step": "engine.steps.adversarial_step",
+            "step": "uda.adversarial.adversarial_step",
             "input": "fixed synthetic scenes already on the device"}
 
 
