@@ -1,62 +1,47 @@
 """The main job: the report's whole pipeline on the built-in synthetic benchmark, then its tables.
 
-Runs, for each seed, at a small size that fits a laptop CPU:
-  1. supervised upper bound (target labels, from scratch; it converges slowest, so it trains longest)
-  2. source-only baseline (from scratch)
-  then, each fine-tuning the source-only model for the same number of iterations:
-  3. source only, continued (the control: as much training, no adaptation)
-  4. adversarial with FCD                                   5. adversarial with DSC
-  6. pseudo labels from the DSC model    7. DSC + pseudo labels, from the DSC model
-  8. DSC + MPL (student and teacher), both starting from the DSC model, with the MPL paper's
-     feedback (--feedback pham)        9. the same with the course's feedback rule (--feedback course)
-  and the self-training rows beyond the report (uda/), each fine-tuning the source-only model:
-  DACS, DACS + DSC, FDA + DSC, entropy + DSC, DACS + DSC + rare-class sampling
-  (--methods: default the report's rows plus DACS + DSC; `all` runs every row)
-then scores every method on target val and writes into --output-dir:
-  table1.md (per-class IoU, mIoU, pixel accuracy; mean ± std over seeds, Δ vs source only),
-  table2.md (parameters and GFLOPs at 1024x512), miou_curves.png, qualitative.png, results.json.
-Each stage is the normal script with its own command line (printed), so any row can be rerun alone.
+For each seed, at a size that fits a laptop CPU: the supervised upper bound and source only (from
+scratch); then, each fine-tuning the source-only model for as long: the control (source only,
+continued), adversarial FCD and DSC; pseudo labels from the DSC model and DSC + PL; DSC + MPL with
+each feedback rule (pham, course); and the self-training rows of uda/ (DACS, DACS + DSC, FDA + DSC,
+entropy + DSC, DACS + DSC + RCS; --methods picks rows, default the report's plus DACS + DSC). Then it
+scores every method on target val and writes table1.md, table2.md, miou_curves.png, qualitative.png
+and results.json into --output-dir. Each stage is the normal script with its own command line
+(printed), so any row can be rerun alone.
 
 Examples:
-  python experiments.py --output-dir results/synthetic
   python experiments.py --output-dir results/synthetic --seeds 3
   python experiments.py --output-dir /tmp/toy --iterations 4 --val-every 2 --stages source_only fcd
-  python experiments.py --output-dir results/synthetic --seeds 3 --methods all
   python experiments.py --output-dir results/synthetic --stages source_only dacs fda_dsc --methods dacs fda_dsc
 """
-import json
+import dataclasses
 import time
+from argparse import Namespace
 from pathlib import Path
 
 import torch
 
-from dataset.gta5 import GTA5Dataset
-from dataset.normalization import get_normalization
-from dataset.transforms import eval_transform
-from model import load_bisenet
-from cli.builders import gta5_split, make_eval_loader, resolve_data, target_eval_dataset
-from utils.distributed import resolve_device
-from engine.evaluate import eval_mode, evaluate, predict_logits
-from reporting.pipeline import (BASELINE, DEFAULT_METHODS, METHOD_CHOICES, METHODS, STAGE_BY_KEY, STAGE_KEYS, Settings,
-                               run_stage, selected_stage_keys, start_iteration, total_iterations)
-from utils.logger import git_commit, write_json, write_text
-from engine.metrics import scores_from_json, scores_to_json
-from engine.optim import OPTIMIZERS
-from cli.options import make_parser, non_negative_int, positive_float, positive_int, size_type
-from engine.precision import Precision
-from reporting.report import mean_std, plot_miou_curves, plot_qualitative, table1_markdown, table2_markdown
-from cli.entry import run_main
-from cli.method_options import fda_beta
 import createpseudolabels
 import MPL
 import trainSupervised
 import trainUnsupervised
+from cli.builders import gta5_split, make_eval_loader, resolve_data, target_eval_dataset
+from cli.entry import run_main
+from cli.method_options import fda_beta
+from cli.options import format_size, make_parser, non_negative_int, positive_float, positive_int, size_type
+from dataset.gta5 import GTA5Dataset
+from dataset.normalization import get_normalization
+from dataset.transforms import eval_transform
+from engine.optim import OPTIMIZERS
+from reporting.pipeline import (BASELINE, DEFAULT_METHODS, METHOD_CHOICES, METHODS, STAGE_BY_KEY, STAGE_KEYS, Settings,
+                                run_stage, selected_stage_keys, total_iterations)
+from reporting.report import plot_miou_curves, plot_qualitative, table1_markdown
+from reporting.scoring import complexity_markdown, curves, results_summary, score_methods
+from utils.distributed import resolve_device
+from utils.logger import git_commit, write_json, write_text
 
 # The scripts the pipeline's stages run, by module name (reporting.pipeline imports no script).
 STAGE_SCRIPTS = {script.__name__: script for script in (trainSupervised, trainUnsupervised, createpseudolabels, MPL)}
-
-QUALITATIVE_IMAGES = 4
-COMPLEXITY_SIZE = (512, 1024)  # the report's Table II resolution (height, width)
 
 
 def get_args(argv=None):
@@ -101,119 +86,18 @@ def get_args(argv=None):
 
 
 def _settings(args):
-    def fmt(size):
-        return f"{size[1]}x{size[0]}"
-    return Settings(data_root=args.data_root, source_size=fmt(args.source_size), target_size=fmt(args.target_size),
-                    batch_size=args.batch_size, supervised_iterations=args.supervised_iterations,
-                    iterations=args.iterations, adapt_iterations=args.adapt_iterations,
-                    pseudo_iterations=args.pseudo_iterations, mpl_iterations=args.mpl_iterations,
-                    val_every=args.val_every, workers=args.workers, device=args.device, optimizer=args.optimizer,
-                    learning_rate=args.learning_rate, lambda_adv=args.lambda_adv, fda_beta=args.fda_beta,
-                    entropy_weight=args.entropy_weight, rcs_temperature=args.rcs_temperature,
-                    progress=args.progress)
+    """The pipeline's Settings: one flag per field, sizes written back as WIDTHxHEIGHT."""
+    values = {field.name: getattr(args, field.name) for field in dataclasses.fields(Settings)}
+    return Settings(**{**values, "source_size": format_size(args.source_size),
+                       "target_size": format_size(args.target_size)})
 
 
 def _data_args(args):
     """A namespace the dataset builders understand (target val at the inference size)."""
-    from argparse import Namespace
-
     data = Namespace(data_root=args.data_root, source_root=None, target_root=None, source_size=args.source_size,
                      target_size=args.target_size, eval_size=args.target_size, crop_size=None, scale_range=None,
                      flip=False, input_convention="imagenet", workers=args.workers, skip_bad=False)
     return resolve_data(data)
-
-
-@torch.no_grad()
-def score_methods(args, seed_dirs, device):
-    """Evaluate every available method of every seed on target val; collect qualitative predictions."""
-    data = _data_args(args)
-    val = target_eval_dataset(data)
-    loader = make_eval_loader(data, val, device)
-    precision = Precision(device, "auto")
-    picked = list(range(min(QUALITATIVE_IMAGES, len(val))))
-    scores, predictions, gap = {}, {}, {}
-    settings = _settings(args)
-    for label, stage, network in METHODS:
-        for seed_dir in seed_dirs:
-            checkpoint = Path(seed_dir) / stage / "last.pth"
-            if not checkpoint.is_file():
-                continue
-            # The run validated its last.pth at its final iteration with the same evaluate() on the
-            # same data; scoring it again would only cost time (about 5 s a model on 2 CPU cores).
-            final = _final_scores(Path(seed_dir) / stage, network, settings.stage_iterations(stage))
-            if final is not None and seed_dir != seed_dirs[0] and stage != "source_only":
-                scores.setdefault(label, []).append(final)
-                continue  # nothing else needs this model: its weights are not even read
-            model = load_bisenet(checkpoint, key=network).to(device)
-            if final is None:
-                final = evaluate(model, loader, device, precision=precision, progress=False)
-            scores.setdefault(label, []).append(final)
-            if seed_dir == seed_dirs[0]:
-                with eval_mode(model):
-                    predictions[label] = [
-                        predict_logits(model, val[i]["image"][None].to(device), val[i]["label"].shape, precision)
-                        .argmax(1)[0].cpu().numpy() for i in picked]
-            if stage == "source_only":
-                gap.setdefault("source_only_source_val", []).append(_source_val(data, model, device, precision))
-    normalization = get_normalization("imagenet", "cityscapes")
-    images = []
-    for i in picked:
-        image = normalization.denormalize(val[i]["image"])
-        images.append(_resize_to(image, val[i]["label"].shape))
-    labels = [val[i]["label"].numpy() for i in picked]
-    return scores, (images, labels, predictions), gap
-
-
-def _resize_to(image, shape):
-    from PIL import Image
-    import numpy as np
-
-    if image.shape[:2] == tuple(shape):
-        return image
-    return np.asarray(Image.fromarray(image).resize((shape[1], shape[0]), Image.BILINEAR))
-
-
-def _source_val(data, model, device, precision):
-    """Source-only model on GTA5 val: the other side of the domain gap."""
-    dataset = GTA5Dataset(data.source_root, split=gta5_split(data.source_root, "val"),
-                          transform=eval_transform(data.source_size), normalization=get_normalization("imagenet", "gta5"))
-    return evaluate(model, make_eval_loader(data, dataset, device), device, precision=precision, progress=False)
-
-
-def _history(run_dir):
-    metrics = Path(run_dir) / "metrics.json"
-    return json.loads(metrics.read_text())["history"] if metrics.is_file() else []
-
-
-def _record_scores(record, network):
-    """A validation record's scores of ``network`` ("model": the run's first, e.g. MPL's student)."""
-    names = list(record["scores"])
-    return record["scores"][network if network in names else names[0]]
-
-
-def _final_scores(run_dir, network, iterations):
-    """The run's own validation of its final weights, or None when it has none at ``iterations``."""
-    history = _history(run_dir)
-    if not history or history[-1]["iteration"] != iterations:
-        return None
-    return scores_from_json(_record_scores(history[-1], network))
-
-
-def _curves(seed_dir, settings):
-    """{method: [(iteration, mIoU), ...]}; a fine-tuned stage's curve starts where its parent's ends."""
-    curves = {}
-    for label, stage, network in METHODS:
-        history = _history(Path(seed_dir) / stage)
-        if not history:
-            continue
-        offset = start_iteration(settings, stage)
-        points = [(offset + record["iteration"], _record_scores(record, network)["miou"]) for record in history]
-        parent = STAGE_BY_KEY[stage].parent
-        parent_label = next((label for label, key, net in METHODS if key == parent and net == "model"), None)
-        if curves.get(parent_label):  # a branch starts at the model it fine-tunes
-            points.insert(0, curves[parent_label][-1])
-        curves[label] = points
-    return curves
 
 
 def main(args):
@@ -232,42 +116,34 @@ def main(args):
             timings[f"{seed_dir.name}/{stage.key}"] = run_stage(stage, settings, seed_dir, STAGE_SCRIPTS[stage.script])
 
     print("\n===== scoring every method on target val =====", flush=True)
-    scores, (images, labels, predictions), gap = score_methods(args, [str(d) for d in seed_dirs], device)
+    data = _data_args(args)
+    val = target_eval_dataset(data)
+    source_val = GTA5Dataset(data.source_root, split=gta5_split(data.source_root, "val"),
+                             transform=eval_transform(data.source_size),
+                             normalization=get_normalization("imagenet", "gta5"))
+    scores, (images, labels, predictions), gap = score_methods(
+        [str(d) for d in seed_dirs], settings, val, make_eval_loader(data, val, device),
+        make_eval_loader(data, source_val, device), device)
     rows = [(label, scores[label]) for label, _, _ in METHODS if label in scores]
     iterations = {label: total_iterations(settings, stage) for label, stage, _ in METHODS}
     table1 = table1_markdown(rows, baseline=BASELINE if BASELINE in scores else None, iterations=iterations)
     write_text(output_dir / "table1.md", table1 + "\n")
-    table2 = _table2()
+    table2 = complexity_markdown()
     write_text(output_dir / "table2.md", table2 + "\n")
-    plot_miou_curves(_curves(seed_dirs[0], settings), output_dir / "miou_curves.png")
+    plot_miou_curves(curves(seed_dirs[0], settings), output_dir / "miou_curves.png")
     if predictions:
         plot_qualitative(images, labels, predictions, output_dir / "qualitative.png")
     summary = {
         "git_commit": git_commit(), "seeds": list(range(args.seeds)), "device": str(device),
         "torch": torch.__version__, "settings": vars(settings), "stage_seconds": timings,
         "total_seconds": time.perf_counter() - started,
-        "methods": {label: {"per_seed": [scores_to_json(s) for s in values],
-                            "miou_mean": mean_std([s["miou"] for s in values])[0],
-                            "miou_std": mean_std([s["miou"] for s in values])[1],
-                            "pixel_accuracy_mean": mean_std([s["pixel_accuracy"] for s in values])[0]}
-                    for label, values in scores.items()},
-        "domain_gap": {"source_only_source_val_miou": [s["miou"] for s in gap.get("source_only_source_val", [])],
-                       "source_only_target_val_miou": [s["miou"] for s in scores.get(BASELINE, [])]},
+        **results_summary(scores, gap),
     }
     write_json(output_dir / "results.json", summary)
     print("\nTable I (target val)\n" + table1 + "\n\nTable II\n" + table2)
     print(f"\n[experiments] wrote {output_dir}/table1.md, table2.md, miou_curves.png, qualitative.png, results.json "
           f"in {summary['total_seconds'] / 60:.1f} min")
     return summary
-
-
-def _table2():
-    from model.flops import complexity_table
-
-    try:
-        return table2_markdown(complexity_table(*COMPLEXITY_SIZE))
-    except ImportError:  # thop is optional at run time
-        return "(thop is not installed: pip install thop for the complexity table)"
 
 
 if __name__ == "__main__":

@@ -30,18 +30,16 @@ class Settings:
     """Sizes and lengths of one pipeline run (the demo defaults fit 2 CPU cores in 15 minutes).
 
     Training from scratch (no ImageNet weights offline) at a few hundred iterations: Adam reaches
-    a usable model sooner than the report's SGD (measured, supervised, 300 iterations: 25.0 vs
-    22.4 mIoU), so the demo uses Adam; the real-data commands in the README keep the report's SGD.
+    a usable model sooner than the report's SGD, so the demo uses Adam; the real-data commands in
+    the README keep the report's SGD.
     Adaptation stages fine-tune the source-only model (an adversarial loss on a random network
     aligns noise), and a control stage continues source-only training for as long, so that each
     adaptation row can be compared with the same amount of training without adaptation.
 
-    The supervised upper bound trains longer than source only because it converges more slowly.
-    Measured on seed 0 of the target val: it gains 2-4 mIoU per 150 iterations at 600 and
-    reaches 29.4 there, 32.9 at 1000 and 40.7 at 1500. Over the same range source only's target mIoU
-    levels off (16.0 ± 0.8 for the control at 720, 17.6 at 1000). An under-trained bound
-    understates the domain gap. The default run fits its 15-minute budget: 13.7 min measured
-    alone on 2 cores (fused Adam, channels_last, 13 validations; see the README).
+    The supervised upper bound trains longer than source only because it converges more slowly:
+    its target mIoU still rises where source only's has levelled off (its curve in
+    results/synthetic/miou_curves.png), and an under-trained bound understates the domain gap.
+    results.json records each stage's time (``stage_seconds``).
     """
     data_root: str = None
     source_size: str = "256x144"
