@@ -279,7 +279,7 @@ class Trainer:
             stream.seek(self.iteration)
         self._truncate_loss_log()  # a fresh run starts a new log; a resumed one drops a killed run's tail
         previous_handlers = self._install_signal_handlers()
-        running = {}
+        running, summed_steps = {}, 0  # loss sums of the current logging window, and how many steps they hold
         consecutive_skips = 0
         progress = tqdm(total=self.max_iters, initial=self.iteration, desc="train", dynamic_ncols=True,
                         disable=not (is_main_process() and getattr(self.args, "progress", True)))
@@ -311,12 +311,16 @@ class Trainer:
                 consecutive_skips = 0
                 for name, value in losses.items():
                     running[name] = running.get(name, 0.0) + value
+                summed_steps += 1
                 self.iteration += 1
                 progress.update(1)
 
                 if self.iteration % self.log_every == 0 or self.iteration == self.max_iters:
-                    means = {name: float(total) / self.log_every for name, total in all_reduce_mean(running).items()}
-                    running = {}
+                    # Divide by the steps summed, not log_every: the last window of a run, the first
+                    # after a resume and a window with skipped fp16 steps hold fewer.
+                    means = {name: float(total) / max(1, summed_steps)
+                             for name, total in all_reduce_mean(running).items()}
+                    running, summed_steps = {}, 0
                     progress.set_postfix({**{k: f"{v:.3f}" for k, v in means.items()},
                                           **{f"lr_{k}": f"{v:.1e}" for k, v in rates.items()}}, refresh=False)
                     self._append_loss_log({"iteration": self.iteration, **means, **{f"lr_{k}": v for k, v in rates.items()}})
