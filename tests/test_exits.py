@@ -97,3 +97,48 @@ def test_a_data_error_in_a_loader_worker_exits_2_without_hanging(name, checkpoin
     assert code == EXIT_USER_ERROR, err[-3000:]
     assert error_lines(err) == [error_lines(err)[0]] and str(data / broken) in error_lines(err)[0], err[-3000:]
     assert "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------------- item 3: no silent overwrite
+def plant_run(folder):
+    """A folder as a finished run leaves it (the files' contents do not matter: the refusal comes first)."""
+    (folder / "tensorboard").mkdir(parents=True)
+    (folder / "tensorboard" / "events.out.tfevents.old").write_bytes(b"old curves")
+    for name in ("best.pth", "last.pth", "metrics.json"):
+        (folder / name).write_bytes(b"the old run's " + name.encode())
+    return {path: path.read_bytes() for path in folder.rglob("*") if path.is_file()}
+
+
+def test_a_folder_holding_a_run_is_refused_without_resume_or_overwrite(tiny_data_root, tmp_path):
+    run_dir = tmp_path / "run"
+    before = plant_run(run_dir)
+    code, _, err = run("trainSupervised.py", "--data-root", tiny_data_root, "--output-dir", run_dir, *TINY,
+                       "--workers", "0", "--max-iters", "1", cwd=tmp_path)
+    assert code == EXIT_USER_ERROR, err[-3000:]
+    assert error_lines(err) == [f"error: --output-dir {run_dir} already holds a run (last.pth, best.pth, "
+                                f"metrics.json): add --resume {run_dir / 'last.pth'} to continue it, --overwrite "
+                                f"to delete it and start afresh, or name a new --output-dir"]
+    assert {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()} == before
+
+
+@pytest.mark.slow
+def test_overwrite_clears_the_old_run_before_training(tiny_data_root, tmp_path):
+    run_dir = tmp_path / "run"
+    plant_run(run_dir)
+    code, _, err = run("trainSupervised.py", "--data-root", tiny_data_root, "--output-dir", run_dir, *TINY,
+                       "--workers", "0", "--max-iters", "1", "--overwrite", cwd=tmp_path)
+    assert code == 0, err[-3000:]
+    assert not (run_dir / "tensorboard").exists()  # the old curves are gone; --no-tensorboard wrote none
+    assert (run_dir / "best.pth").read_bytes()[:2] == b"PK"  # a new torch zip file, not the old bytes
+    assert (run_dir / "metrics.json").read_text().startswith("{")
+
+
+def test_overwrite_with_resume_or_an_input_inside_the_folder_is_refused(tiny_data_root, tmp_path):
+    run_dir = tmp_path / "run"
+    before = plant_run(run_dir)
+    for flags, expected in [(["--resume", run_dir / "last.pth"], "--overwrite deletes the run that --resume"),
+                            (["--init-from", run_dir / "best.pth"], f"--init-from {run_dir / 'best.pth'} lies inside")]:
+        code, _, err = run("trainSupervised.py", "--data-root", tiny_data_root, "--output-dir", run_dir, *TINY,
+                           "--workers", "0", "--max-iters", "1", "--overwrite", *flags, cwd=tmp_path)
+        assert code == EXIT_USER_ERROR and len(error_lines(err)) == 1 and expected in err, err[-3000:]
+    assert {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()} == before

@@ -2,7 +2,7 @@
 
 ``run_main(main, get_args)`` parses the command line and calls ``main(args)``. The errors that
 describe a user's input or a run that cannot go on (``DatasetError``, ``CheckpointError``,
-``TrainingError``) print ``error: <message>`` on stderr and exit with ``EXIT_USER_ERROR``
+``TrainingError``, ``UsageError``) print ``error: <message>`` on stderr and exit with ``EXIT_USER_ERROR``
 instead of a traceback; anything else is a bug and keeps its traceback. A second Ctrl-C (the
 trainer's first one saves and stops cleanly) exits with 130 and one line.
 """
@@ -11,6 +11,7 @@ import sys
 
 from dataset.common import DatasetError
 from utils.checkpoint import CheckpointError
+from utils.options import UsageError
 from utils.trainer import TrainingError
 
 EXIT_USER_ERROR = 2  # as argparse exits on a bad flag
@@ -19,7 +20,7 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports it
 
 def user_errors():
     """The exception types whose message is the whole story for the user."""
-    errors = [DatasetError, CheckpointError, TrainingError]
+    errors = [DatasetError, CheckpointError, TrainingError, UsageError]
     try:  # pseudo-label folders that cannot be resumed or read
         from utils.pseudolabels import PseudoLabelError
         errors.append(PseudoLabelError)

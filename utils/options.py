@@ -1,6 +1,9 @@
 """Command-line options shared by the scripts, defined once so the scripts never drift apart."""
 import argparse
+import os
 import re
+import tempfile
+from pathlib import Path
 
 from dataset.labels import NUM_CLASSES
 from dataset.normalization import CONVENTIONS
@@ -8,6 +11,25 @@ from model.bisenet import CONTEXT_PATHS
 from utils.optim import OPTIMIZERS
 from utils.precision import AMP_CHOICES
 
+
+class UsageError(ValueError):
+    """A flag's value that parsing alone could not judge (a folder that holds a run, an output location
+    that cannot be written); the scripts print the message as one ``error:`` line and exit 2."""
+
+
+def ensure_writable_dir(path, flag):
+    """Create folder ``path`` (a value of ``flag``) and prove a file can be written in it, before any work."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{flag} {path} is a file, not a folder: name a folder (it is created if missing)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(dir=path, prefix=".write-test-")
+        os.close(handle)
+        os.remove(probe)
+    except OSError as error:
+        raise UsageError(f"{flag} {path} cannot be written: {error.strerror or error}") from None
+    return path
 
 
 def size_type(text):
@@ -139,7 +161,11 @@ def add_runtime_args(parser):
 
 def add_training_args(parser, default_lr=2.5e-2):
     group = parser.add_argument_group("training")
-    group.add_argument("--output-dir", required=True, help="run folder: checkpoints, args, metrics, logs")
+    group.add_argument("--output-dir", required=True,
+                       help="run folder: checkpoints, args, metrics, logs. A folder holding another run is refused "
+                            "unless --resume continues it or --overwrite replaces it")
+    group.add_argument("--overwrite", action="store_true",
+                       help="delete what --output-dir holds (a previous run) before starting a fresh run there")
     group.add_argument("--batch-size", type=positive_int, default=4,
                        help="batch size per domain and per process; under torchrun one iteration (global step) "
                             "uses batch-size x processes samples of each domain")

@@ -252,18 +252,14 @@ class Trainer:
             self.save(BEST_CHECKPOINT)
 
     def _check_output_dir(self):
-        """Drop temporaries a killed save left behind; say so when a fresh run will replace a run's files."""
+        """Drop temporaries a killed save left behind. (A fresh run into a folder holding a run is refused
+        before this, by utils.run.claim_output_dir.)"""
         if not is_main_process():
             return
         for filename in (LAST_CHECKPOINT, BEST_CHECKPOINT):
             if remove_stale_temporaries(self.output_dir / filename):
                 print(f"[run] removed the unfinished temporary file(s) of {self.output_dir / filename} "
                       f"left by a killed save")
-        if not self._resumed and (self.output_dir / LAST_CHECKPOINT).is_file():
-            warnings.warn(f"{self.output_dir} already holds {LAST_CHECKPOINT}, but this run starts from iteration 0 "
-                          f"(no --resume): its checkpoints, metrics and loss log will be replaced. Stop now and "
-                          f"add --resume {self.output_dir / LAST_CHECKPOINT} to continue that run instead.",
-                          stacklevel=3)
 
     def _report_data(self):
         for name, stream in self.streams.items():
