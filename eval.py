@@ -33,7 +33,7 @@ from utils.distributed import cleanup_distributed, init_distributed, is_main_pro
 from utils.evaluate import evaluate
 from utils.logger import setup_console_logging, write_json, write_text
 from utils.metrics import markdown_table, scores_to_json, text_report
-from utils.options import add_data_args, make_parser, non_negative_int, positive_int, size_type
+from utils.options import add_data_args, ensure_writable_dir, make_parser, non_negative_int, positive_int, size_type
 from utils.precision import AMP_CHOICES, Precision
 from utils.cli import run_main
 
@@ -94,7 +94,12 @@ def main(args):
     model = load_bisenet(args.checkpoint, map_location="cpu", key=args.network)
     info = model.checkpoint_info
     resolve_input_convention(args, model, "eval")
-    resolve_data(args, need_source=False)
+    resolve_data(args, need_source=False, training=False)
+    output_dir = Path(args.output_dir) if args.output_dir else Path(args.checkpoint).resolve().parent / f"eval_{args.split}"
+    if is_main_process():  # before the evaluation, not after it: a folder that cannot be written loses nothing
+        ensure_writable_dir(output_dir, "--output-dir")
+    if args.save_predictions:
+        ensure_writable_dir(args.save_predictions, "--save-predictions")
     dataset = target_eval_dataset(args, split=args.split)
     loader = make_eval_loader(args, dataset, device, batch_size=args.batch_size)
     model = maybe_compile(prepare_network(model, args, device), args)
@@ -105,7 +110,6 @@ def main(args):
     scores = evaluate(model, loader, device, num_classes=info["num_classes"], precision=precision,
                       progress=args.progress, description=f"eval {args.split}", on_batch=writer)
 
-    output_dir = Path(args.output_dir) if args.output_dir else Path(args.checkpoint).resolve().parent / f"eval_{args.split}"
     result = {"checkpoint": str(args.checkpoint), "format": info["format"], "context_path": info["context_path"],
               "split": args.split, "images": len(dataset), "eval_size": list(args.eval_size),
               "input_convention": args.input_convention, "precision": precision.mode, **scores_to_json(scores)}

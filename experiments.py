@@ -36,7 +36,7 @@ from utils.experiments import (BASELINE, METHODS, STAGE_BY_KEY, STAGE_KEYS, STAG
 from utils.logger import git_commit, write_json, write_text
 from utils.metrics import scores_from_json, scores_to_json
 from utils.optim import OPTIMIZERS
-from utils.options import make_parser, non_negative_int, positive_float, positive_int, size_type
+from utils.options import make_parser, non_negative_float, non_negative_int, positive_float, positive_int, size_type
 from utils.precision import Precision
 from utils.report import mean_std, plot_miou_curves, plot_qualitative, table1_markdown, table2_markdown
 from utils.cli import run_main
@@ -72,7 +72,7 @@ def get_args(argv=None):
                         help="segmentation optimizer of every stage (Adam: see utils/experiments.Settings)")
     parser.add_argument("--learning-rate", type=positive_float, default=defaults.learning_rate,
                         help="segmentation learning rate of every stage (poly decay within each stage)")
-    parser.add_argument("--lambda-adv", type=float, default=defaults.lambda_adv, help="adversarial loss weight")
+    parser.add_argument("--lambda-adv", type=non_negative_float, default=defaults.lambda_adv, help="adversarial loss weight")
     parser.add_argument("--workers", type=non_negative_int, default=defaults.workers, help="DataLoader workers")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")

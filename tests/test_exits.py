@@ -142,3 +142,119 @@ def test_overwrite_with_resume_or_an_input_inside_the_folder_is_refused(tiny_dat
                            "--workers", "0", "--max-iters", "1", "--overwrite", *flags, cwd=tmp_path)
         assert code == EXIT_USER_ERROR and len(error_lines(err)) == 1 and expected in err, err[-3000:]
     assert {path: path.read_bytes() for path in run_dir.rglob("*") if path.is_file()} == before
+
+
+# ----------------------------------------------------------------------------------- item 6: one error line, exit 2
+def run_in_process(module, argv, capsys):
+    """``run_main`` of a script as its ``__main__`` does: (exit status, the stderr lines starting 'error:')."""
+    from utils.cli import run_main
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run_main(module.main, module.get_args, [str(arg) for arg in argv])
+    return exit_info.value.code, error_lines(capsys.readouterr().err)
+
+
+def _file(tmp_path):
+    path = tmp_path / "a_file"
+    path.write_text("not a folder")
+    return path
+
+
+NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has CUDA")
+START_ERRORS = {
+    "source root alone": (lambda d, t: ["--source-root", d / "GTA5"],
+                          "--target-root missing: without --data-root give --source-root and --target-root"),
+    "output dir is a file": (lambda d, t: ["--data-root", d, "--output-dir", _file(t)],
+                             "is a file, not a folder"),
+    "output dir below a file": (lambda d, t: ["--data-root", d, "--output-dir", _file(t) / "run"],
+                                "cannot be written: Not a directory"),
+    "target too small": (lambda d, t: ["--data-root", d, "--target-size", "100x7"],
+                         "--target-size 100x7 is too small to train on: each side must be at least 32 pixels"),
+    "source too small": (lambda d, t: ["--data-root", d, "--source-size", "10x10"],
+                         "--source-size 10x10 is too small to train on"),
+    "unknown device": (lambda d, t: ["--data-root", d, "--device", "tpu"],
+                       "--device tpu: expected auto, cpu, cuda or cuda:N"),
+    "fp16 on the CPU": (lambda d, t: ["--data-root", d, "--device", "cpu", "--amp", "fp16"],
+                        "--amp fp16 needs a CUDA device"),
+    "cuda without a GPU": (lambda d, t: ["--data-root", d, "--device", "cuda"],
+                           "--device cuda: CUDA is not available on this machine"),
+}
+
+
+@pytest.mark.parametrize("case", [pytest.param(case, marks=[NO_CUDA] if "cuda" in case or "fp16" in case else [])
+                                  for case in START_ERRORS])
+def test_bad_start_up_values_print_one_error_line_and_exit_2(case, tiny_data_root, tmp_path, capsys):
+    import trainUnsupervised
+
+    flags, expected = START_ERRORS[case]
+    argv = ["--output-dir", tmp_path / "run", *TINY, "--workers", "0", "--max-iters", "1", *flags(tiny_data_root, tmp_path)]
+    code, errors = run_in_process(trainUnsupervised, argv, capsys)
+    assert code == EXIT_USER_ERROR and len(errors) == 1 and expected in errors[0], errors
+
+
+@NO_CUDA
+def test_cuda_without_a_gpu_exits_2_as_a_subprocess(tiny_data_root, tmp_path):
+    code, _, err = run("trainSupervised.py", "--data-root", tiny_data_root, "--output-dir", tmp_path / "run",
+                       "--device", "cuda", *TINY, cwd=tmp_path)
+    assert code == EXIT_USER_ERROR and error_lines(err) == [
+        "error: --device cuda: CUDA is not available on this machine; use --device cpu"], err[-3000:]
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_checkpoint_of_another_input_convention_exits_2(tiny_data_root, checkpoint, tmp_path, capsys):
+    import trainUnsupervised
+
+    argv = ["--data-root", tiny_data_root, "--output-dir", tmp_path / "run", *TINY, "--workers", "0",
+            "--max-iters", "1", "--init-from", checkpoint, "--input-convention", "course"]
+    code, errors = run_in_process(trainUnsupervised, argv, capsys)
+    assert code == EXIT_USER_ERROR and len(errors) == 1 and "was trained with --input-convention imagenet" in errors[0]
+
+
+@pytest.mark.parametrize("flag, value", [("--learning-rate", "inf"), ("--learning-rate-d", "nan"),
+                                         ("--lambda-adv", "nan"), ("--momentum", "nan"), ("--momentum", "1.5"),
+                                         ("--weight-decay", "-5"), ("--learning-rate", "-1")])
+def test_non_finite_or_negative_numbers_are_refused_by_argparse(flag, value, tmp_path, capsys):
+    import trainUnsupervised
+
+    with pytest.raises(SystemExit) as exit_info:
+        trainUnsupervised.get_args(["--output-dir", str(tmp_path), flag, value])
+    assert exit_info.value.code == EXIT_USER_ERROR
+    assert f"argument {flag}: expected a" in capsys.readouterr().err
+
+
+def test_eval_refuses_an_output_folder_it_cannot_write_before_evaluating(tiny_data_root, checkpoint, tmp_path, capsys,
+                                                                          monkeypatch):
+    import eval as eval_script
+
+    def no_evaluation(*args, **kwargs):
+        raise AssertionError("evaluated before checking where the results go")
+
+    monkeypatch.setattr(eval_script, "evaluate", no_evaluation)
+    for flag in ("--output-dir", "--save-predictions"):
+        argv = ["--checkpoint", checkpoint, "--data-root", tiny_data_root, "--workers", "0", "--no-progress",
+                flag, _file(tmp_path)]
+        code, errors = run_in_process(eval_script, argv, capsys)
+        assert code == EXIT_USER_ERROR and errors == [f"error: {flag} {_file(tmp_path)} is a file, not a folder: "
+                                                      f"name a folder (it is created if missing)"]
+
+
+def test_a_full_disk_names_the_file_and_keeps_the_previous_checkpoint(tmp_path):
+    import errno
+
+    from utils.checkpoint import CheckpointError, load_checkpoint_file
+
+    path = tmp_path / "last.pth"
+    atomic_torch_save({"iteration": 4}, path)
+
+    def full_disk(handle):  # what torch.save raises: the OSError only as the chained cause
+        try:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        except OSError as error:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing "
+                               "file data/0: file write failed") from error
+
+    from utils.checkpoint import atomic_write
+    with pytest.raises(CheckpointError, match=f"cannot write {path}: No space left on device; the previous last.pth"):
+        atomic_write(path, full_disk)
+    assert load_checkpoint_file(path)["iteration"] == 4 and sorted(p.name for p in tmp_path.iterdir()) == ["last.pth"]

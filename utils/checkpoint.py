@@ -37,17 +37,40 @@ def atomic_write(path, write_fn, suffix=".tmp"):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            write_fn(handle)
-            handle.flush()
-            os.fchmod(handle.fileno(), _FILE_MODE)
-            os.fsync(handle.fileno())
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                write_fn(handle)
+                handle.flush()
+                os.fchmod(handle.fileno(), _FILE_MODE)
+                os.fsync(handle.fileno())
+        except Exception as error:
+            reason = _write_failure(error)
+            if reason is None:
+                raise
+            raise CheckpointError(f"cannot write {path}: {reason}; the previous {path.name}, if any, "
+                                  f"is left as it was") from error
         os.replace(tmp_name, path)
     except BaseException:
         if os.path.exists(tmp_name):
             os.unlink(tmp_name)
         raise
     _fsync_directory(path.parent)
+
+
+def _write_failure(error):
+    """Why writing failed, when the file system refused (a full disk, a quota, a read-only mount), else None.
+
+    torch.save reports a full disk as "RuntimeError: [enforce fail at inline_container.cc] ... file write
+    failed", with the OSError ("No space left on device") only in the chained exception.
+    """
+    seen = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.strerror:
+            return seen.strerror
+        seen = seen.__cause__ or seen.__context__
+    if "write failed" in str(error):
+        return "the file write failed (is the disk full?)"
+    return None
 
 
 def _fsync_directory(directory):

@@ -11,7 +11,7 @@ import sys
 
 from dataset.common import DatasetError
 from utils.checkpoint import CheckpointError
-from utils.options import UsageError
+from utils.errors import UsageError
 from utils.trainer import TrainingError
 
 EXIT_USER_ERROR = 2  # as argparse exits on a bad flag

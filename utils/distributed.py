@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from utils.errors import UsageError
+
 
 def is_distributed():
     return dist.is_available() and dist.is_initialized()
@@ -90,9 +92,16 @@ def _restore_console():
 def resolve_device(device_arg="auto"):
     if device_arg in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device_arg)
+    try:
+        device = torch.device(device_arg)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {device_arg}: expected auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {device_arg}: CUDA is not available on this machine; use --device cpu")
+        raise UsageError(f"--device {device_arg}: CUDA is not available on this machine; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {device_arg}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 
@@ -168,7 +177,7 @@ def configure_batchnorm(module, device, sync_bn=False, freeze_bn=False):
     State-dict keys are unchanged either way, so checkpoints load with or without the flags.
     """
     if sync_bn and freeze_bn:
-        raise SystemExit("--sync-bn and --freeze-bn exclude each other: frozen BatchNorm layers compute no "
+        raise UsageError("--sync-bn and --freeze-bn exclude each other: frozen BatchNorm layers compute no "
                          "batch statistics to synchronise")
     if freeze_bn:
         for layer in module.modules():
@@ -177,7 +186,7 @@ def configure_batchnorm(module, device, sync_bn=False, freeze_bn=False):
                 layer.eval()
     if sync_bn and get_world_size() > 1:
         if device.type != "cuda":
-            raise SystemExit("--sync-bn needs CUDA devices: PyTorch's SyncBatchNorm does not run on the CPU "
+            raise UsageError("--sync-bn needs CUDA devices: PyTorch's SyncBatchNorm does not run on the CPU "
                              "(gloo). Drop the flag (per-process BatchNorm) or use --freeze-bn")
         module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
     return module

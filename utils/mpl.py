@@ -84,6 +84,7 @@ from utils.distributed import get_rank, get_world_size, is_distributed
 from utils.engine import (SOURCE_DOMAIN, adversarial_step, check_finite, discriminator_step, domain_loss,
                           main_output, segmentation_loss, set_requires_grad, unwrap)
 from utils.optim import OPTIMIZERS
+from utils.errors import UsageError
 from utils.options import non_negative_float, non_negative_int, positive_float, unit_interval
 from utils.pseudolabel_stats import MAX_THRESHOLD, ConfidenceHistogram, apply_thresholds, softmax_confidence
 
@@ -147,10 +148,10 @@ def resolve_mpl_args(args):
     if args.refresh is None:
         args.refresh = 0 if args.thresholds else DEFAULT_REFRESH
     if args.thresholds and args.refresh:
-        raise SystemExit("--thresholds gives fixed thresholds; drop it or use --refresh 0 "
+        raise UsageError("--thresholds gives fixed thresholds; drop it or use --refresh 0 "
                          f"(got --refresh {args.refresh})")
     if not args.thresholds and not args.refresh:
-        raise SystemExit("--refresh 0 means fixed thresholds: give them with --thresholds PATH (a thresholds.json)")
+        raise UsageError("--refresh 0 means fixed thresholds: give them with --thresholds PATH (a thresholds.json)")
     if args.teacher_optimizer is None:
         args.teacher_optimizer = args.optimizer
     if args.teacher_learning_rate is None:
@@ -179,9 +180,9 @@ def read_thresholds(path, num_classes=NUM_CLASSES):
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as error:
-        raise SystemExit(f"--thresholds {path}: cannot read it as JSON ({error})") from None
+        raise UsageError(f"--thresholds {path}: cannot read it as JSON ({error})") from None
     if isinstance(data, dict) and data.get("mode") == "per-image":
-        raise SystemExit(f"--thresholds {path} comes from a per-image createpseudolabels.py run: it holds no "
+        raise UsageError(f"--thresholds {path} comes from a per-image createpseudolabels.py run: it holds no "
                          f"dataset-wide thresholds; make one without --per-image, or use --refresh N")
     entries = data
     if isinstance(data, dict):
@@ -190,19 +191,19 @@ def read_thresholds(path, num_classes=NUM_CLASSES):
     def value_of(entry):
         value = entry.get("threshold") if isinstance(entry, dict) else entry
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-            raise SystemExit(f"--thresholds {path}: {entry!r} is not a threshold in [0, 1]")
+            raise UsageError(f"--thresholds {path}: {entry!r} is not a threshold in [0, 1]")
         return float(value)
 
     def train_id_of(entry, default):
         train_id = entry.get("train_id", default) if isinstance(entry, dict) else default
         if not isinstance(train_id, int) or not 0 <= train_id < num_classes:
-            raise SystemExit(f"--thresholds {path}: {entry!r} names no train id in [0, {num_classes})")
+            raise UsageError(f"--thresholds {path}: {entry!r} names no train id in [0, {num_classes})")
         return train_id
 
     values = [None] * num_classes
     if isinstance(entries, list):
         if len(entries) != num_classes:
-            raise SystemExit(f"--thresholds {path}: {len(entries)} thresholds for {num_classes} classes")
+            raise UsageError(f"--thresholds {path}: {len(entries)} thresholds for {num_classes} classes")
         for index, entry in enumerate(entries):
             values[train_id_of(entry, index)] = value_of(entry)
     elif isinstance(entries, dict):
@@ -215,7 +216,7 @@ def read_thresholds(path, num_classes=NUM_CLASSES):
                 values[train_id_of(entry, names.get(key))] = value_of(entry)
     missing = [index for index, value in enumerate(values) if value is None]
     if missing:
-        raise SystemExit(f"--thresholds {path}: no threshold for class(es) {missing} (expected {num_classes} classes)")
+        raise UsageError(f"--thresholds {path}: no threshold for class(es) {missing} (expected {num_classes} classes)")
     return torch.tensor(values, dtype=torch.float64)
 
 

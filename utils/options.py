@@ -1,5 +1,6 @@
 """Command-line options shared by the scripts, defined once so the scripts never drift apart."""
 import argparse
+import math
 import os
 import re
 import tempfile
@@ -9,12 +10,8 @@ from dataset.labels import NUM_CLASSES
 from dataset.normalization import CONVENTIONS
 from model.bisenet import CONTEXT_PATHS
 from utils.optim import OPTIMIZERS
+from utils.errors import UsageError
 from utils.precision import AMP_CHOICES
-
-
-class UsageError(ValueError):
-    """A flag's value that parsing alone could not judge (a folder that holds a run, an output location
-    that cannot be written); the scripts print the message as one ``error:`` line and exit 2."""
 
 
 def ensure_writable_dir(path, flag):
@@ -59,15 +56,22 @@ def non_negative_int(text):
 
 def positive_float(text):
     value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    if not (value > 0 and math.isfinite(value)):  # also refuses NaN and inf
+        raise argparse.ArgumentTypeError(f"expected a finite positive number, got {text}")
     return value
 
 
 def non_negative_float(text):
     value = float(text)
-    if not value >= 0.0:  # also refuses NaN
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+    if not (value >= 0.0 and math.isfinite(value)):  # also refuses NaN and inf
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    return value
+
+
+def momentum_type(text):
+    value = float(text)
+    if not 0.0 <= value < 1.0:  # also refuses NaN and inf; 1 would never forget a gradient
+        raise argparse.ArgumentTypeError(f"expected a momentum in [0, 1), got {text}")
     return value
 
 
@@ -180,8 +184,8 @@ def add_training_args(parser, default_lr=2.5e-2):
                             "still train): for small per-process batches, and a step independent of the process count")
     group.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd", help="segmentation network optimizer")
     group.add_argument("--learning-rate", type=positive_float, default=default_lr, help="initial learning rate (poly decay, power 0.9)")
-    group.add_argument("--momentum", type=float, default=0.9, help="SGD/RMSprop momentum")
-    group.add_argument("--weight-decay", type=float, default=1e-4, help="weight decay of the segmentation network")
+    group.add_argument("--momentum", type=momentum_type, default=0.9, help="SGD/RMSprop momentum, in [0, 1)")
+    group.add_argument("--weight-decay", type=non_negative_float, default=1e-4, help="weight decay of the segmentation network")
     group.add_argument("--val-every", type=non_negative_int, default=0,
                        help="validate every N iterations (0: once per epoch of the source set)")
     group.add_argument("--log-every", type=positive_int, default=10, help="log losses every N iterations")

@@ -8,6 +8,8 @@ import contextlib
 
 import torch
 
+from utils.errors import UsageError
+
 AMP_CHOICES = ("auto", "off", "bf16", "fp16")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -15,7 +17,7 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 class Precision:
     def __init__(self, device, mode="auto"):
         if mode not in AMP_CHOICES:
-            raise ValueError(f"unknown --amp {mode!r}; expected one of {AMP_CHOICES}")
+            raise UsageError(f"unknown --amp {mode!r}; expected one of {AMP_CHOICES}")
         self.device = torch.device(device)
         if mode == "auto":
             if self.device.type != "cuda":
@@ -23,7 +25,7 @@ class Precision:
             else:
                 mode = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         if mode != "off" and self.device.type != "cuda":
-            raise ValueError(f"--amp {mode} needs a CUDA device (got {self.device}); use --amp off on the CPU")
+            raise UsageError(f"--amp {mode} needs a CUDA device (got {self.device}); use --amp off on the CPU")
         self.mode = mode
 
     @property

@@ -13,7 +13,8 @@ from utils.distributed import barrier, get_world_size, init_distributed, is_main
 from utils.evaluate import evaluate, eval_mode, predict_logits
 from utils.logger import RunLogger, setup_console_logging, write_json, write_run_info, write_text
 from utils.metrics import markdown_table, text_report
-from utils.options import UsageError, ensure_writable_dir
+from utils.errors import UsageError
+from utils.options import ensure_writable_dir
 from utils.precision import Precision
 from utils.builders import resolve_fast_paths
 from utils.seed import seed_everything
