@@ -22,13 +22,13 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from dataset.labels import colorize, train_ids_to_ids
+from dataset.labels import CLASS_NAMES, NUM_CLASSES, colorize, train_ids_to_ids
 from dataset.paths import cityscapes_result_name
 from model import load_bisenet
 from utils.benchmark import inference_throughput
 from utils.builders import (make_eval_loader, maybe_compile, prepare_network, resolve_data, resolve_fast_paths,
                             resolve_input_convention, target_eval_dataset)
-from utils.checkpoint import atomic_write
+from utils.checkpoint import CheckpointError, atomic_write
 from utils.distributed import cleanup_distributed, init_distributed, is_main_process
 from utils.evaluate import evaluate
 from utils.logger import setup_console_logging, write_json, write_text
@@ -93,6 +93,10 @@ def main(args):
     resolve_fast_paths(args, device)
     model = load_bisenet(args.checkpoint, map_location="cpu", key=args.network)
     info = model.checkpoint_info
+    if info["num_classes"] != NUM_CLASSES:  # its class i is not the dataset's train id i: the table would lie
+        raise CheckpointError(f"{args.checkpoint} holds a model of {info['num_classes']} classes, but the Cityscapes "
+                              f"labels have {NUM_CLASSES} ({', '.join(CLASS_NAMES[:3])}, ...); eval.py scores "
+                              f"{NUM_CLASSES}-class models only")
     resolve_input_convention(args, model, "eval")
     resolve_data(args, need_source=False, training=False)
     output_dir = Path(args.output_dir) if args.output_dir else Path(args.checkpoint).resolve().parent / f"eval_{args.split}"

@@ -258,3 +258,17 @@ def test_a_full_disk_names_the_file_and_keeps_the_previous_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match=f"cannot write {path}: No space left on device; the previous last.pth"):
         atomic_write(path, full_disk)
     assert load_checkpoint_file(path)["iteration"] == 4 and sorted(p.name for p in tmp_path.iterdir()) == ["last.pth"]
+
+
+# ----------------------------------------------------------------------------------- item 5: class count
+def test_eval_refuses_a_checkpoint_whose_classes_are_not_the_datasets(tiny_data_root, tmp_path, capsys):
+    """A 5-class model scored under the 19-class header printed 5 cells as road..pole: refused instead."""
+    import eval as eval_script
+
+    five = write_checkpoint(tmp_path / "five.pth", num_classes=5)
+    code, errors = run_in_process(eval_script, ["--checkpoint", five, "--data-root", tiny_data_root, "--workers", "0",
+                                                "--output-dir", tmp_path / "eval"], capsys)
+    assert code == EXIT_USER_ERROR
+    assert errors == [f"error: {five} holds a model of 5 classes, but the Cityscapes labels have 19 (road, sidewalk, "
+                      f"building, ...); eval.py scores 19-class models only"]
+    assert not (tmp_path / "eval").exists()
