@@ -57,3 +57,25 @@ def test_the_first_window_after_a_resume_is_the_mean_of_the_steps_it_ran(tmp_pat
     resumed.resume(tmp_path / "last.pth")
     resumed.run()
     assert logged(tmp_path) == {3: 2.0, 4: 4.0, 6: 5.5}
+
+
+# ----------------------------------------------------------------------------------- item 7
+def test_tensorboard_events_reach_the_disk_at_each_log_window(tmp_path):
+    """What a SIGKILL would leave: while step 4 runs, the event file already holds iterations 1..3
+    (it was 0 bytes when events were only flushed at the end or every 120 s)."""
+    from utils.logger import RunLogger
+
+    logger = RunLogger(tmp_path / "tensorboard", tensorboard=True)
+    trainer = counting_trainer(tmp_path, max_iters=5, log_every=1, logger=logger)
+    on_disk = {}
+    real_step = trainer.step_fn
+
+    def step(batches, iteration):
+        if iteration == 3:
+            on_disk["bytes"] = b"".join(path.read_bytes() for path in (tmp_path / "tensorboard").glob("events.*"))
+        return real_step(batches, iteration)
+
+    trainer.step_fn = step
+    trainer.run()
+    logger.close()
+    assert on_disk["bytes"].count(b"train/loss") == 3

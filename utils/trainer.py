@@ -120,7 +120,13 @@ class Trainer:
     def save(self, filename):
         if is_main_process():
             atomic_torch_save(self.state(), self.output_dir / filename)
+            self._flush_logger()
         barrier()
+
+    def _flush_logger(self):
+        """Put the logged events on disk: a killed run keeps its curves up to its last log window."""
+        if self.logger is not None:
+            self.logger.flush()
 
     def resume(self, path):
         """Restore everything from a checkpoint written by ``save`` and seek the data streams."""
@@ -323,6 +329,7 @@ class Trainer:
                     if self.logger is not None:
                         self.logger.scalars(means, self.iteration, prefix="train/")
                         self.logger.scalars(rates, self.iteration, prefix="lr/")
+                        self._flush_logger()
                 if self.val_every and (self.iteration % self.val_every == 0 or self.iteration == self.max_iters):
                     self._validate()
                 if self.checkpoint_every and self.iteration % self.checkpoint_every == 0 and self.iteration < self.max_iters:
@@ -340,8 +347,7 @@ class Trainer:
             progress.close()
             for signum, handler in previous_handlers.items():
                 signal.signal(signum, handler)
-            if self.logger is not None:
-                self.logger.flush()
+            self._flush_logger()
         elapsed = time.perf_counter() - started
         tqdm.write(f"[train] finished {self.iteration} iterations in {elapsed:.1f} s"
                    + (f" ({self.skipped_steps} skipped non-finite steps)" if self.skipped_steps else ""))
