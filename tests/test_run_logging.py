@@ -3,6 +3,7 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import torch
 from torch import nn
 
@@ -79,3 +80,45 @@ def test_tensorboard_events_reach_the_disk_at_each_log_window(tmp_path):
     trainer.run()
     logger.close()
     assert on_disk["bytes"].count(b"train/loss") == 3
+
+
+# ----------------------------------------------------------------------------------- item 8
+def test_without_a_progress_bar_each_log_window_prints_a_loss_line(tmp_path, capsys):
+    """The learning rate shown is the poly schedule's at the window's last step: 0.1 (1 - i/5)^0.9, i = 1, 3, 4."""
+    counting_trainer(tmp_path, max_iters=5, log_every=2, progress=False).run()
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[train] iteration")]
+    assert lines == ["[train] iteration 2/5: loss 1.5000, lr_model 8.18e-02",
+                     "[train] iteration 4/5: loss 3.5000, lr_model 4.38e-02",
+                     "[train] iteration 5/5: loss 5.0000, lr_model 2.35e-02"]
+
+
+def test_the_progress_bar_shows_a_few_losses_not_all_of_mpls_terms():
+    from utils.trainer import MAX_BAR_LOSSES, progress_fields
+
+    means = {f"term_{index}": float(index) for index in range(16)}
+    fields = progress_fields(means, {"student": 1e-3, "teacher": 2e-3})
+    assert fields == {**{f"term_{index}": f"{index:.3f}" for index in range(MAX_BAR_LOSSES)}, "lr_student": "1.0e-03"}
+
+
+def test_the_finish_line_after_a_resume_states_the_iterations_this_process_ran(tmp_path, capsys):
+    counting_trainer(tmp_path, max_iters=3, log_every=4).run()
+    resumed = counting_trainer(tmp_path, max_iters=7, log_every=4)
+    resumed.resume(tmp_path / "last.pth")
+    capsys.readouterr()
+    resumed.run()
+    assert "[train] ran 4 iterations (4..7 of 7) in" in capsys.readouterr().out
+
+
+def test_a_run_that_fails_to_start_leaves_no_run_info_nor_tensorboard_folder(tiny_data_root, tmp_path, capsys):
+    import trainSupervised
+    from utils.cli import run_main
+
+    not_a_checkpoint = tmp_path / "weights.pth"
+    not_a_checkpoint.write_text("not a checkpoint")
+    run_dir = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:  # the weights are read after start-up, as a network is built
+        run_main(trainSupervised.main, trainSupervised.get_args,
+                 ["--data-root", str(tiny_data_root), "--output-dir", str(run_dir), "--workers", "0", "--max-iters", "1",
+                  "--source-size", "64x36", "--target-size", "64x32", "--init-from", str(not_a_checkpoint)])
+    assert exit_info.value.code == 2 and "error:" in capsys.readouterr().err
+    assert sorted(path.name for path in run_dir.iterdir()) == []

@@ -73,12 +73,16 @@ class _EventFile:
     def __init__(self, log_dir):
         from tensorboardX.event_file_writer import EventsWriter  # lazy: optional dependency
 
-        Path(log_dir).mkdir(parents=True, exist_ok=True)
-        self._writer = EventsWriter(os.path.join(str(log_dir), "events"))
+        self._log_dir = Path(log_dir)
+        self._writer = None
+        self._events_writer = EventsWriter
 
     def _write(self, summary, step):
         from tensorboardX.proto.event_pb2 import Event
 
+        if self._writer is None:  # at the first event: a run that fails to start leaves no empty folder
+            self._log_dir.mkdir(parents=True, exist_ok=True)
+            self._writer = self._events_writer(os.path.join(str(self._log_dir), "events"))
         self._writer.write_event(Event(wall_time=time.time(), step=int(step), summary=summary))
 
     def scalar(self, tag, value, step):
@@ -92,10 +96,12 @@ class _EventFile:
         self._write(image(tag, image_hwc, dataformats="HWC"), step)
 
     def flush(self):
-        self._writer.flush()
+        if self._writer is not None:
+            self._writer.flush()
 
     def close(self):
-        self._writer.close()
+        if self._writer is not None:
+            self._writer.close()
 
 
 GIT_COMMIT_ENV = "UDA_GIT_COMMIT"

@@ -11,7 +11,7 @@ from PIL import Image
 from dataset.labels import colorize
 from utils.distributed import barrier, get_world_size, init_distributed, is_main_process
 from utils.evaluate import evaluate, eval_mode, predict_logits
-from utils.logger import RunLogger, setup_console_logging, write_json, write_run_info, write_text
+from utils.logger import RunLogger, setup_console_logging, write_json, write_text
 from utils.metrics import markdown_table, text_report
 from utils.errors import UsageError
 from utils.options import ensure_writable_dir
@@ -37,7 +37,7 @@ class RunContext:
 
 
 def start_run(args):
-    """Device (torchrun-aware), seeds, precision, output folder with run_info.json, logger."""
+    """Device (torchrun-aware), seeds, precision, a writable output folder, logger."""
     setup_console_logging()
     device = init_distributed(args.device)
     resolve_fast_paths(args, device)
@@ -47,8 +47,7 @@ def start_run(args):
     output_dir = Path(args.output_dir)
     claim_output_dir(args)
     if is_main_process():
-        ensure_writable_dir(output_dir, "--output-dir")
-        write_run_info(output_dir, args, {"device": str(device), "world_size": get_world_size()})
+        ensure_writable_dir(output_dir, "--output-dir")  # run_info.json: when the trainer starts
     logger = RunLogger(output_dir / "tensorboard", tensorboard=getattr(args, "tensorboard", False),
                        wandb=getattr(args, "wandb", False), wandb_project=getattr(args, "wandb_project", None),
                        config=vars(args), run_name=output_dir.name)

@@ -34,7 +34,7 @@ from utils.checkpoint import (CHECKPOINT_FORMAT, CheckpointError, atomic_torch_s
 from utils.data import to_device
 from utils.distributed import all_reduce_max, all_reduce_mean, barrier, get_world_size, is_main_process
 from utils.engine import NonFiniteLossError
-from utils.logger import git_commit, plain_args, write_json, write_text
+from utils.logger import git_commit, plain_args, write_json, write_run_info, write_text
 from utils.metrics import scores_to_json
 from utils.optim import poly_lr, set_lr
 from utils.seed import rng_state, set_rng_state
@@ -47,6 +47,23 @@ MAX_CONSECUTIVE_SKIPPED = 20
 # The flag that sets each entry of a network's config (model.model_config, discriminator config).
 CONFIG_FLAGS = {"context_path": "--context-path", "num_classes": "--num-classes",
                 "input_convention": "--input-convention", "name": "--discriminator"}
+
+
+MAX_BAR_LOSSES = 4  # loss fields on the progress bar (MPL has 18 terms); every term goes to losses.jsonl
+
+
+def progress_fields(means, rates):
+    """The progress bar's postfix: the first MAX_BAR_LOSSES mean losses and the first learning rate."""
+    fields = {name: f"{value:.3f}" for name, value in list(means.items())[:MAX_BAR_LOSSES]}
+    fields.update({f"lr_{name}": f"{value:.1e}" for name, value in list(rates.items())[:1]})
+    return fields
+
+
+def loss_line(iteration, max_iters, means, rates):
+    """The console line of a log window when no progress bar shows (--no-progress, output to a file)."""
+    values = [f"{name} {value:.4f}" for name, value in means.items()]
+    values += [f"lr_{name} {value:.2e}" for name, value in rates.items()]
+    return f"[train] iteration {iteration}/{max_iters}: {', '.join(values)}"
 
 
 class TrainingError(RuntimeError):
@@ -208,7 +225,9 @@ class Trainer:
         if self._stop_signal is not None:  # a second signal: stop at once
             raise KeyboardInterrupt
         self._stop_signal = signum
-        print(f"\n[signal] {signal.Signals(signum).name} received: finishing the current step, then saving a checkpoint")
+        # tqdm.write clears the progress bar first, so the message gets a line of its own.
+        tqdm.write(f"[signal] {signal.Signals(signum).name} received: finishing the current step, then saving a "
+                   f"checkpoint")
 
     def _stop_requested(self):
         """Whether to stop now; under torchrun every rank decides together (a signal reaches the
@@ -281,6 +300,9 @@ class Trainer:
             stream.seek(self.iteration)
         self._truncate_loss_log()  # a fresh run starts a new log; a resumed one drops a killed run's tail
         previous_handlers = self._install_signal_handlers()
+        first_iteration = self.iteration
+        if is_main_process():  # here, not at start-up: a run that fails to start leaves no run_info.json
+            write_run_info(self.output_dir, self.args, {"device": str(self.device), "world_size": get_world_size()})
         running, summed_steps = {}, 0  # loss sums of the current logging window, and how many steps they hold
         consecutive_skips = 0
         progress = tqdm(total=self.max_iters, initial=self.iteration, desc="train", dynamic_ncols=True,
@@ -323,8 +345,10 @@ class Trainer:
                     means = {name: float(total) / max(1, summed_steps)
                              for name, total in all_reduce_mean(running).items()}
                     running, summed_steps = {}, 0
-                    progress.set_postfix({**{k: f"{v:.3f}" for k, v in means.items()},
-                                          **{f"lr_{k}": f"{v:.1e}" for k, v in rates.items()}}, refresh=False)
+                    progress.set_postfix(progress_fields(means, rates), refresh=False)
+                    if is_main_process() and (progress.disable or not sys.stderr.isatty()):
+                        # No bar to read (--no-progress, or the output goes to a log file): a line.
+                        tqdm.write(loss_line(self.iteration, self.max_iters, means, rates))
                     self._append_loss_log({"iteration": self.iteration, **means, **{f"lr_{k}": v for k, v in rates.items()}})
                     if self.logger is not None:
                         self.logger.scalars(means, self.iteration, prefix="train/")
@@ -349,7 +373,8 @@ class Trainer:
                 signal.signal(signum, handler)
             self._flush_logger()
         elapsed = time.perf_counter() - started
-        tqdm.write(f"[train] finished {self.iteration} iterations in {elapsed:.1f} s"
+        tqdm.write(f"[train] ran {self.iteration - first_iteration} iterations ({first_iteration + 1}..{self.iteration} "
+                   f"of {self.max_iters}) in {elapsed:.1f} s"
                    + (f" ({self.skipped_steps} skipped non-finite steps)" if self.skipped_steps else ""))
         self._report_data()
         return self.history[-1] if self.history else None
