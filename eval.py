@@ -33,7 +33,7 @@ from utils.distributed import cleanup_distributed, init_distributed, is_main_pro
 from utils.evaluate import evaluate
 from utils.logger import setup_console_logging, write_json, write_text
 from utils.metrics import markdown_table, scores_to_json, text_report
-from utils.options import add_data_args, ensure_writable_dir, make_parser, non_negative_int, positive_int, size_type
+from utils.options import add_data_args, ensure_writable_dir, format_size, make_parser, non_negative_int, positive_int, size_type
 from utils.precision import AMP_CHOICES, Precision
 from utils.cli import run_main
 
@@ -51,7 +51,7 @@ def get_args(argv=None):
     parser.add_argument("--save-predictions", metavar="DIR", default=None,
                         help=f"write colourised predictions to DIR/{COLOR_SUBDIR}/ and official label-id result files "
                              f"to DIR/{RESULTS_SUBDIR}/ (point CITYSCAPES_RESULTS there for cityscapesscripts)")
-    add_data_args(parser, source=False)
+    add_data_args(parser, source=False, training=False)
     parser.set_defaults(input_convention=None)
     for action in parser._actions:
         if action.dest == "input_convention":
@@ -115,7 +115,7 @@ def main(args):
                       progress=args.progress, description=f"eval {args.split}", on_batch=writer)
 
     result = {"checkpoint": str(args.checkpoint), "format": info["format"], "context_path": info["context_path"],
-              "split": args.split, "images": len(dataset), "eval_size": list(args.eval_size),
+              "split": args.split, "images": len(dataset), "eval_size": format_size(args.eval_size),
               "input_convention": args.input_convention, "precision": precision.mode, **scores_to_json(scores)}
     if args.benchmark and is_main_process():  # one process times; the others would compete for the device
         height, width = args.benchmark_size or args.eval_size

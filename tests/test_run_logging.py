@@ -122,3 +122,59 @@ def test_a_run_that_fails_to_start_leaves_no_run_info_nor_tensorboard_folder(tin
                   "--source-size", "64x36", "--target-size", "64x32", "--init-from", str(not_a_checkpoint)])
     assert exit_info.value.code == 2 and "error:" in capsys.readouterr().err
     assert sorted(path.name for path in run_dir.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------------- item 9: help and formats
+def help_text(module, capsys):
+    with pytest.raises(SystemExit):
+        module.get_args(["--help"])
+    return " ".join(capsys.readouterr().out.split())  # argparse wraps lines at the terminal width
+
+
+def test_help_shows_each_default_once_and_none_for_switches(capsys):
+    import trainUnsupervised
+
+    text = help_text(trainUnsupervised, capsys)
+    assert "(default: True)" not in text and "(default: False)" not in text and "(default: None)" not in text
+    assert "random crop WIDTHxHEIGHT after resizing (default: no crop)" in text
+    assert "(default: 0.9)" in text  # a real default is still shown
+
+
+def test_size_defaults_are_shown_as_the_width_x_height_the_flag_takes(capsys):
+    import experiments
+    from utils.experiments import Settings
+
+    text = help_text(experiments, capsys)
+    defaults = Settings()
+    assert f"GTA5 training size WIDTHxHEIGHT (default: {defaults.source_size})" in text
+    assert f"(default: {defaults.target_size})" in text and "(default: (" not in text
+
+
+def test_eval_offers_no_training_augmentation_flags(tmp_path, capsys):
+    import eval as eval_script
+
+    text = help_text(eval_script, capsys)
+    assert "--crop-size" not in text and "--scale-range" not in text and "--no-flip" not in text
+    with pytest.raises(SystemExit):
+        eval_script.get_args(["--checkpoint", "x.pth", "--crop-size", "32x32"])
+
+
+def test_per_class_tensorboard_tags_name_the_class():
+    from dataset.labels import NUM_CLASSES
+    from utils.trainer import class_iou_tags
+
+    tags = class_iou_tags([0.5] * NUM_CLASSES)
+    assert list(tags)[:3] == ["iou_00_road", "iou_01_sidewalk", "iou_02_building"]
+    assert list(tags)[6] == "iou_06_traffic_light" and len(tags) == NUM_CLASSES
+    assert list(class_iou_tags([0.1, 0.2])) == ["iou_00", "iou_01"]  # another class count: no names to give
+
+
+def test_eval_json_stores_the_eval_size_as_the_flag_writes_it(tiny_data_root, tmp_path):
+    import eval as eval_script
+    from tests.test_exits import write_checkpoint
+
+    checkpoint = write_checkpoint(tmp_path / "model.pth")
+    eval_script.main(eval_script.get_args(["--checkpoint", str(checkpoint), "--data-root", str(tiny_data_root),
+                                           "--workers", "0", "--no-progress", "--eval-size", "64x32",
+                                           "--output-dir", str(tmp_path / "eval")]))
+    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["eval_size"] == "64x32"  # WxH, not [32, 64]

@@ -98,14 +98,24 @@ def format_size(size_hw):
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+    """Appends '(default: ...)' only where it informs: not to on/off switches ('--no-flip (default: True)'),
+    not to None, not where the help already says its default; sizes as the WIDTHxHEIGHT the flag takes."""
+
+    def _get_help_string(self, action):
+        help_text = action.help or ""
+        if (action.nargs == 0 or action.default is None or action.default is argparse.SUPPRESS
+                or "default" in help_text or "%(default)" in help_text):
+            return help_text
+        if action.type is size_type and isinstance(action.default, tuple):
+            return f"{help_text} (default: {format_size(action.default)})"
+        return super()._get_help_string(action)
 
 
 def make_parser(description):
     return argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
 
 
-def add_data_args(parser, source=True, target=True):
+def add_data_args(parser, source=True, target=True, training=True):
     group = parser.add_argument_group("data (default: the built-in synthetic benchmark, generated on first use)")
     group.add_argument("--data-root", default=None,
                        help="folder holding GTA5/ and Cityscapes/ (the synthetic benchmark's layout); "
@@ -119,11 +129,12 @@ def add_data_args(parser, source=True, target=True):
                            help="Cityscapes root, official (leftImg8bit/, gtFine/) or flat (images/, labels/, train.txt) layout")
         group.add_argument("--target-size", type=size_type, default=None,
                            help="Cityscapes resize WIDTHxHEIGHT (report: 1024x512; synthetic default: native size)")
-    group.add_argument("--crop-size", type=size_type, default=None,
-                       help="random crop WIDTHxHEIGHT after resizing (default: no crop)")
-    group.add_argument("--scale-range", type=scale_range_type, default=None,
-                       help="random scale jitter MIN,MAX before cropping (default: none)")
-    group.add_argument("--no-flip", dest="flip", action="store_false", help="disable random horizontal flips")
+    if training:  # augmentation: nothing for eval.py to take
+        group.add_argument("--crop-size", type=size_type, default=None,
+                           help="random crop WIDTHxHEIGHT after resizing (default: no crop)")
+        group.add_argument("--scale-range", type=scale_range_type, default=None,
+                           help="random scale jitter MIN,MAX before cropping (default: none)")
+        group.add_argument("--no-flip", dest="flip", action="store_false", help="disable random horizontal flips")
     group.add_argument("--eval-size", type=size_type, default=None,
                        help="inference size WIDTHxHEIGHT for validation; predictions are scored at the label's full "
                             "resolution (default: the target size)")

@@ -29,6 +29,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from dataset.common import data_report
+from dataset.labels import CLASS_NAMES
 from utils.checkpoint import (CHECKPOINT_FORMAT, CheckpointError, atomic_torch_save, load_checkpoint_file,
                               remove_stale_temporaries)
 from utils.data import to_device
@@ -57,6 +58,14 @@ def progress_fields(means, rates):
     fields = {name: f"{value:.3f}" for name, value in list(means.items())[:MAX_BAR_LOSSES]}
     fields.update({f"lr_{name}": f"{value:.1e}" for name, value in list(rates.items())[:1]})
     return fields
+
+
+def class_iou_tags(iou):
+    """{'iou_00_road': ..., ...}: per-class TensorBoard tags that sort by train id and name the class."""
+    values = list(iou.values()) if isinstance(iou, dict) else list(iou)
+    names = CLASS_NAMES if len(values) == len(CLASS_NAMES) else [None] * len(values)
+    return {f"iou_{index:02d}" + (f"_{name.replace(' ', '_')}" if name else ""): value
+            for index, (name, value) in enumerate(zip(names, values))}
 
 
 def loss_line(iteration, max_iters, means, rates):
@@ -266,7 +275,7 @@ class Trainer:
         if self.logger is not None:
             for name, scores in results.items():
                 self.logger.scalars({"miou": scores["miou"], "pixel_accuracy": scores["pixel_accuracy"]}, self.iteration, prefix=f"val/{name}/")
-                self.logger.scalars({f"iou_{index:02d}": value for index, value in enumerate(scores["iou"])}, self.iteration, prefix=f"val_class/{name}/")
+                self.logger.scalars(class_iou_tags(scores["iou"]), self.iteration, prefix=f"val_class/{name}/")
             if self.image_fn is not None and is_main_process():
                 for tag, images in self.image_fn(self.iteration).items():
                     self.logger.images(tag, images, self.iteration)
