@@ -218,7 +218,7 @@ def main(args):
     write_text(output_dir / "table1.md", table1 + "\n")
     table2 = _table2()
     write_text(output_dir / "table2.md", table2 + "\n")
-    plot_miou_curves(_curves(seed_dirs[0], settings), output_dir / "miou_curves.png")
+    plot_miou_curves([_curves(seed_dir, settings) for seed_dir in seed_dirs], output_dir / "miou_curves.png")
     if predictions:
         plot_qualitative(images, labels, predictions, output_dir / "qualitative.png")
     summary = {
