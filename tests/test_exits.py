@@ -211,16 +211,18 @@ def test_a_checkpoint_of_another_input_convention_exits_2(tiny_data_root, checkp
     assert code == EXIT_USER_ERROR and len(errors) == 1 and "was trained with --input-convention imagenet" in errors[0]
 
 
-@pytest.mark.parametrize("flag, value", [("--learning-rate", "inf"), ("--learning-rate-d", "nan"),
-                                         ("--lambda-adv", "nan"), ("--momentum", "nan"), ("--momentum", "1.5"),
-                                         ("--weight-decay", "-5"), ("--learning-rate", "-1")])
-def test_non_finite_or_negative_numbers_are_refused_by_argparse(flag, value, tmp_path, capsys):
+@pytest.mark.parametrize("flag, value, expected", [
+    ("--learning-rate", "inf", "a finite number"), ("--learning-rate-d", "nan", "a finite number"),
+    ("--lambda-adv", "nan", "a finite number"), ("--momentum", "nan", "a momentum in [0, 1)"),
+    ("--momentum", "1.5", "a momentum in [0, 1)"), ("--weight-decay", "-5", "a number >= 0"),
+    ("--learning-rate", "-1", "a positive number")])
+def test_non_finite_or_negative_numbers_are_refused_by_argparse(flag, value, expected, tmp_path, capsys):
     import trainUnsupervised
 
     with pytest.raises(SystemExit) as exit_info:
         trainUnsupervised.get_args(["--output-dir", str(tmp_path), flag, value])
     assert exit_info.value.code == EXIT_USER_ERROR
-    assert f"argument {flag}: expected a" in capsys.readouterr().err
+    assert f"argument {flag}: expected {expected}, got {value}" in capsys.readouterr().err
 
 
 def test_eval_refuses_an_output_folder_it_cannot_write_before_evaluating(tiny_data_root, checkpoint, tmp_path, capsys,

@@ -54,17 +54,24 @@ def non_negative_int(text):
     return value
 
 
-def positive_float(text):
+def finite_float(text):
     value = float(text)
-    if not (value > 0 and math.isfinite(value)):  # also refuses NaN and inf
-        raise argparse.ArgumentTypeError(f"expected a finite positive number, got {text}")
+    if not math.isfinite(value):  # NaN and inf would only surface later, in a loss or a JSON file
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
+    return value
+
+
+def positive_float(text):
+    value = finite_float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
     return value
 
 
 def non_negative_float(text):
-    value = float(text)
-    if not (value >= 0.0 and math.isfinite(value)):  # also refuses NaN and inf
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
+    value = finite_float(text)
+    if not value >= 0.0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
     return value
 
 
