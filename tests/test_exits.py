@@ -75,7 +75,10 @@ WORKER_RUNS = {
 }
 
 
-@pytest.mark.parametrize("name", [pytest.param(name, marks=[pytest.mark.slow] if name == "MPL" else [])
+FAST_WORKER_RUNS = ("trainSupervised", "eval")  # the others run in the slow suite (~10-15 s each here)
+
+
+@pytest.mark.parametrize("name", [pytest.param(name, marks=[] if name in FAST_WORKER_RUNS else [pytest.mark.slow])
                                   for name in WORKER_RUNS])
 def test_a_data_error_in_a_loader_worker_exits_2_without_hanging(name, checkpoint, tmp_path):
     """The workers ignore SIGTERM (a Ctrl-C to the group must not kill them mid-save), so the exit
@@ -133,6 +136,7 @@ def test_overwrite_clears_the_old_run_before_training(tiny_data_root, tmp_path):
     assert (run_dir / "metrics.json").read_text().startswith("{")
 
 
+@pytest.mark.slow  # two subprocesses
 def test_overwrite_with_resume_or_an_input_inside_the_folder_is_refused(tiny_data_root, tmp_path):
     run_dir = tmp_path / "run"
     before = plant_run(run_dir)
