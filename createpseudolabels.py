@@ -38,7 +38,7 @@ from dataset.common import DatasetError
 from model import load_bisenet
 from cli.builders import resolve_data, resolve_input_convention, target_eval_dataset
 from utils.distributed import cleanup_distributed, init_distributed, is_main_process
-from cli.options import add_data_args, make_parser, non_negative_int, positive_float, positive_int
+from cli.options import add_data_args, ensure_writable_dir, make_parser, non_negative_int, positive_float, positive_int
 from engine.precision import AMP_CHOICES, Precision
 from uda.pseudolabel_stats import MAX_THRESHOLD
 from uda.pseudolabel_files import DEFAULT_WRITER_THREADS, format_report
@@ -112,7 +112,9 @@ def main(args):
     model = load_bisenet(args.checkpoint, map_location="cpu", key=args.network)
     info = model.checkpoint_info
     resolve_input_convention(args, model, "pseudo")
-    resolve_data(args, need_source=False)
+    resolve_data(args, need_source=False, training=False)
+    if is_main_process():
+        ensure_writable_dir(args.output_dir, "--output-dir")
     dataset = pseudo_label_dataset(args)
     precision = Precision(device, args.amp)
     metadata = {"checkpoint": str(args.checkpoint), "network": args.network, "format": info["format"],

@@ -21,18 +21,19 @@ from pathlib import Path
 
 import torch
 
-from dataset.labels import colorize, train_ids_to_ids
+from dataset.labels import CLASS_NAMES, NUM_CLASSES, colorize, train_ids_to_ids
 from dataset.paths import cityscapes_result_name
 from model import load_bisenet
 from utils.benchmark import inference_throughput
 from cli.builders import (make_eval_loader, maybe_compile, prepare_network, resolve_data, resolve_fast_paths,
                             resolve_input_convention, target_eval_dataset)
+from utils.checkpoint import CheckpointError
 from utils.distributed import cleanup_distributed, init_distributed, is_main_process
 from engine.evaluate import evaluate
 from utils.logger import setup_console_logging, write_json, write_png, write_text
 from engine.metrics import markdown_table, scores_to_json, text_report
-from cli.options import (add_data_args, add_inference_runtime_args, make_parser, non_negative_int, positive_int,
-                           size_type)
+from cli.options import (add_data_args, add_inference_runtime_args, ensure_writable_dir, format_size, make_parser,
+                         non_negative_int, positive_int, size_type)
 from engine.precision import Precision
 from cli.entry import run_main
 
@@ -50,7 +51,7 @@ def get_args(argv=None):
     parser.add_argument("--save-predictions", metavar="DIR", default=None,
                         help=f"write colourised predictions to DIR/{COLOR_SUBDIR}/ and official label-id result files "
                              f"to DIR/{RESULTS_SUBDIR}/ (point CITYSCAPES_RESULTS there for cityscapesscripts)")
-    add_data_args(parser, source=False)
+    add_data_args(parser, source=False, training=False)
     parser.set_defaults(input_convention=None)
     for action in parser._actions:
         if action.dest == "input_convention":
@@ -83,8 +84,17 @@ def main(args):
     resolve_fast_paths(args, device)
     model = load_bisenet(args.checkpoint, map_location="cpu", key=args.network)
     info = model.checkpoint_info
+    if info["num_classes"] != NUM_CLASSES:  # its class i is not the dataset's train id i: the table would lie
+        raise CheckpointError(f"{args.checkpoint} holds a model of {info['num_classes']} classes, but the Cityscapes "
+                              f"labels have {NUM_CLASSES} ({', '.join(CLASS_NAMES[:3])}, ...); eval.py scores "
+                              f"{NUM_CLASSES}-class models only")
     resolve_input_convention(args, model, "eval")
-    resolve_data(args, need_source=False)
+    resolve_data(args, need_source=False, training=False)
+    output_dir = Path(args.output_dir) if args.output_dir else Path(args.checkpoint).resolve().parent / f"eval_{args.split}"
+    if is_main_process():  # before the evaluation, not after it: a folder that cannot be written loses nothing
+        ensure_writable_dir(output_dir, "--output-dir")
+    if args.save_predictions:
+        ensure_writable_dir(args.save_predictions, "--save-predictions")
     dataset = target_eval_dataset(args, split=args.split)
     loader = make_eval_loader(args, dataset, device, batch_size=args.batch_size)
     model = maybe_compile(prepare_network(model, args, device), args)
@@ -95,9 +105,8 @@ def main(args):
     scores = evaluate(model, loader, device, num_classes=info["num_classes"], precision=precision,
                       progress=args.progress, description=f"eval {args.split}", on_batch=writer)
 
-    output_dir = Path(args.output_dir) if args.output_dir else Path(args.checkpoint).resolve().parent / f"eval_{args.split}"
     result = {"checkpoint": str(args.checkpoint), "format": info["format"], "context_path": info["context_path"],
-              "split": args.split, "images": len(dataset), "eval_size": list(args.eval_size),
+              "split": args.split, "images": len(dataset), "eval_size": format_size(args.eval_size),
               "input_convention": args.input_convention, "precision": precision.mode, **scores_to_json(scores)}
     if args.benchmark and is_main_process():  # one process times; the others would compete for the device
         height, width = args.benchmark_size or args.eval_size

@@ -28,7 +28,7 @@ import trainUnsupervised
 from cli.builders import gta5_split, make_eval_loader, resolve_data, target_eval_dataset
 from cli.entry import run_main
 from cli.method_options import fda_beta
-from cli.options import format_size, make_parser, non_negative_int, positive_float, positive_int, size_type
+from cli.options import format_size, make_parser, non_negative_float, non_negative_int, positive_float, positive_int, size_type
 from dataset.gta5 import GTA5Dataset
 from dataset.normalization import get_normalization
 from dataset.transforms import eval_transform
@@ -73,7 +73,7 @@ def get_args(argv=None):
                         help="segmentation optimizer of every stage (Adam: see utils/experiments.Settings)")
     parser.add_argument("--learning-rate", type=positive_float, default=defaults.learning_rate,
                         help="segmentation learning rate of every stage (poly decay within each stage)")
-    parser.add_argument("--lambda-adv", type=float, default=defaults.lambda_adv, help="adversarial loss weight")
+    parser.add_argument("--lambda-adv", type=non_negative_float, default=defaults.lambda_adv, help="adversarial loss weight")
     parser.add_argument("--fda-beta", type=fda_beta, default=defaults.fda_beta, help="FDA window of the FDA + DSC row")
     parser.add_argument("--entropy-weight", type=positive_float, default=defaults.entropy_weight,
                         help="entropy weight of the Entropy + DSC row")
@@ -130,7 +130,7 @@ def main(args):
     write_text(output_dir / "table1.md", table1 + "\n")
     table2 = complexity_markdown()
     write_text(output_dir / "table2.md", table2 + "\n")
-    plot_miou_curves(curves(seed_dirs[0], settings), output_dir / "miou_curves.png")
+    plot_miou_curves([curves(seed_dir, settings) for seed_dir in seed_dirs], output_dir / "miou_curves.png")
     if predictions:
         plot_qualitative(images, labels, predictions, output_dir / "qualitative.png")
     summary = {

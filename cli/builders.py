@@ -16,6 +16,7 @@ from dataset.gta5 import GTA5Dataset
 from dataset.normalization import get_normalization
 from dataset.transforms import eval_transform, train_transform
 from model import build_bisenet, load_bisenet
+from model.discriminator import MIN_INPUT_SIDE, STRIDED_LAYERS
 from engine.optim import build_optimizer
 from engine.data import BatchStream, eval_loader
 from utils.distributed import configure_batchnorm
@@ -26,7 +27,7 @@ REPORT_TARGET_SIZE = (512, 1024)   # Cityscapes
 SOURCE_DIR, TARGET_DIR = "GTA5", "Cityscapes"
 
 
-def resolve_data(args, need_source=True):
+def resolve_data(args, need_source=True, training=True):
     """Fill ``args.source_root``/``args.target_root`` and the sizes; generate synthetic data if needed."""
     explicit = [getattr(args, name, None) for name in ("data_root", "source_root", "target_root")]
     args.synthetic = not any(explicit)
@@ -37,6 +38,12 @@ def resolve_data(args, need_source=True):
         default_source, default_target = SOURCE_SIZE, TARGET_SIZE
     else:
         default_source, default_target = REPORT_SOURCE_SIZE, REPORT_TARGET_SIZE
+    if not args.synthetic and not args.data_root:
+        needed = ["--source-root"] * (need_source and hasattr(args, "source_root")) + ["--target-root"]
+        missing = [flag for flag in needed if getattr(args, flag[2:].replace("-", "_"), None) is None]
+        if missing:
+            raise OptionError(f"{' and '.join(missing)} missing: without --data-root give "
+                             f"{' and '.join(needed)} (or --data-root alone, holding {SOURCE_DIR}/ and {TARGET_DIR}/)")
     if args.data_root:
         if not Path(args.data_root).is_dir():
             raise DatasetError(f"--data-root {args.data_root} does not exist or is not a folder "
@@ -57,7 +64,20 @@ def resolve_data(args, need_source=True):
             if size is not None and (crop[0] > size[0] or crop[1] > size[1]):
                 raise DatasetError(f"--crop-size {crop[1]}x{crop[0]} is larger than {flag} {size[1]}x{size[0]}; "
                                  f"choose a smaller crop (padding with ignore pixels would only waste compute)")
+    if training:
+        check_training_sizes(args)
     return args
+
+
+def check_training_sizes(args):
+    """Training images (after the crop) must be at least MIN_INPUT_SIDE a side: the discriminator's
+    strided convolutions fail on less, long after start-up."""
+    crop = getattr(args, "crop_size", None)
+    for flag, size in (("--crop-size", crop), ("--source-size", None if crop else getattr(args, "source_size", None)),
+                       ("--target-size", None if crop else getattr(args, "target_size", None))):
+        if size is not None and min(size) < MIN_INPUT_SIDE:
+            raise OptionError(f"{flag} {size[1]}x{size[0]} is too small to train on: each side must be at least "
+                             f"{MIN_INPUT_SIDE} pixels (the discriminator's {STRIDED_LAYERS} stride-2 convolutions)")
 
 
 def _train_transform(args, size_hw):

@@ -32,8 +32,8 @@ def add_adversarial_args(parser, default="dsc", allow_none=True):
                             + (", none (source-only baseline)" if allow_none else "")
                             + "; the old numeric codes 0 = FCD and 1 = DSC are accepted")
     group.add_argument("--optimizer-d", choices=OPTIMIZERS, default="adam", help="discriminator optimizer")
-    group.add_argument("--learning-rate-d", type=float, default=DEFAULT_LR_D, help="discriminator initial learning rate (poly decay)")
-    group.add_argument("--lambda-adv", type=float, default=DEFAULT_LAMBDA_ADV, help="weight of the adversarial loss")
+    group.add_argument("--learning-rate-d", type=positive_float, default=DEFAULT_LR_D, help="discriminator initial learning rate (poly decay)")
+    group.add_argument("--lambda-adv", type=non_negative_float, default=DEFAULT_LAMBDA_ADV, help="weight of the adversarial loss")
     return group
 
 

@@ -1,14 +1,34 @@
 """Command-line options shared by the scripts, defined once so the scripts never drift apart."""
 import argparse
+import math
+import os
+import tempfile
+from pathlib import Path
 
 from dataset.labels import NUM_CLASSES
 from dataset.normalization import CONVENTIONS
 from model.bisenet import CONTEXT_PATHS
 from engine.optim import OPTIMIZERS
 from engine.precision import AMP_CHOICES
+from utils.errors import OptionError
 from utils.sizes import format_size, size_type  # noqa: F401 - the scripts import them from here
 
 DEFAULT_LR = 2.5e-2  # initial learning rate of the segmentation network (the scripts' default)
+
+
+def ensure_writable_dir(path, flag):
+    """Create folder ``path`` (a value of ``flag``) and prove a file can be written in it, before any work."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OptionError(f"{flag} {path} is a file, not a folder: name a folder (it is created if missing)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        handle, probe = tempfile.mkstemp(dir=path, prefix=".write-test-")
+        os.close(handle)
+        os.remove(probe)
+    except OSError as error:
+        raise OptionError(f"{flag} {path} cannot be written: {error.strerror or error}") from None
+    return path
 
 
 def positive_int(text):
@@ -25,17 +45,31 @@ def non_negative_int(text):
     return value
 
 
-def positive_float(text):
+def finite_float(text):
     value = float(text)
+    if not math.isfinite(value):  # NaN and inf would only surface later, in a loss or a JSON file
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text}")
+    return value
+
+
+def positive_float(text):
+    value = finite_float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
     return value
 
 
 def non_negative_float(text):
-    value = float(text)
-    if not value >= 0.0:  # also refuses NaN
+    value = finite_float(text)
+    if not value >= 0.0:
         raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+    return value
+
+
+def momentum_type(text):
+    value = float(text)
+    if not 0.0 <= value < 1.0:  # also refuses NaN and inf; 1 would never forget a gradient
+        raise argparse.ArgumentTypeError(f"expected a momentum in [0, 1), got {text}")
     return value
 
 
@@ -58,14 +92,24 @@ def scale_range_type(text):
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+    """Appends '(default: ...)' only where it informs: not to on/off switches ('--no-flip (default: True)'),
+    not to None, not where the help already says its default; sizes as the WIDTHxHEIGHT the flag takes."""
+
+    def _get_help_string(self, action):
+        help_text = action.help or ""
+        if (action.nargs == 0 or action.default is None or action.default is argparse.SUPPRESS
+                or "default" in help_text or "%(default)" in help_text):
+            return help_text
+        if action.type is size_type and isinstance(action.default, tuple):
+            return f"{help_text} (default: {format_size(action.default)})"
+        return super()._get_help_string(action)
 
 
 def make_parser(description):
     return argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
 
 
-def add_data_args(parser, source=True, target=True):
+def add_data_args(parser, source=True, target=True, training=True):
     group = parser.add_argument_group("data (default: the built-in synthetic benchmark, generated on first use)")
     group.add_argument("--data-root", default=None,
                        help="folder holding GTA5/ and Cityscapes/ (the synthetic benchmark's layout); "
@@ -79,11 +123,12 @@ def add_data_args(parser, source=True, target=True):
                            help="Cityscapes root, official (leftImg8bit/, gtFine/) or flat (images/, labels/, train.txt) layout")
         group.add_argument("--target-size", type=size_type, default=None,
                            help="Cityscapes resize WIDTHxHEIGHT (report: 1024x512; synthetic default: native size)")
-    group.add_argument("--crop-size", type=size_type, default=None,
-                       help="random crop WIDTHxHEIGHT after resizing (default: no crop)")
-    group.add_argument("--scale-range", type=scale_range_type, default=None,
-                       help="random scale jitter MIN,MAX before cropping (default: none)")
-    group.add_argument("--no-flip", dest="flip", action="store_false", help="disable random horizontal flips")
+    if training:  # augmentation: nothing for eval.py to take
+        group.add_argument("--crop-size", type=size_type, default=None,
+                           help="random crop WIDTHxHEIGHT after resizing (default: no crop)")
+        group.add_argument("--scale-range", type=scale_range_type, default=None,
+                           help="random scale jitter MIN,MAX before cropping (default: none)")
+        group.add_argument("--no-flip", dest="flip", action="store_false", help="disable random horizontal flips")
     group.add_argument("--eval-size", type=size_type, default=None,
                        help="inference size WIDTHxHEIGHT for validation; predictions are scored at the label's full "
                             "resolution (default: the target size)")
@@ -126,7 +171,11 @@ def add_runtime_args(parser):
 
 def add_training_args(parser, default_lr=DEFAULT_LR):
     group = parser.add_argument_group("training")
-    group.add_argument("--output-dir", required=True, help="run folder: checkpoints, args, metrics, logs")
+    group.add_argument("--output-dir", required=True,
+                       help="run folder: checkpoints, args, metrics, logs. A folder holding another run is refused "
+                            "unless --resume continues it or --overwrite replaces it")
+    group.add_argument("--overwrite", action="store_true",
+                       help="delete what --output-dir holds (a previous run) before starting a fresh run there")
     group.add_argument("--batch-size", type=positive_int, default=4,
                        help="batch size per domain and per process; under torchrun one iteration (global step) "
                             "uses batch-size x processes samples of each domain")
@@ -141,8 +190,8 @@ def add_training_args(parser, default_lr=DEFAULT_LR):
                             "still train): for small per-process batches, and a step independent of the process count")
     group.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd", help="segmentation network optimizer")
     group.add_argument("--learning-rate", type=positive_float, default=default_lr, help="initial learning rate (poly decay, power 0.9)")
-    group.add_argument("--momentum", type=float, default=0.9, help="SGD/RMSprop momentum")
-    group.add_argument("--weight-decay", type=float, default=1e-4, help="weight decay of the segmentation network")
+    group.add_argument("--momentum", type=momentum_type, default=0.9, help="SGD/RMSprop momentum, in [0, 1)")
+    group.add_argument("--weight-decay", type=non_negative_float, default=1e-4, help="weight decay of the segmentation network")
     group.add_argument("--val-every", type=non_negative_int, default=0,
                        help="validate every N iterations (0: once per epoch of the source set)")
     group.add_argument("--log-every", type=positive_int, default=10, help="log losses every N iterations")

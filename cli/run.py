@@ -1,5 +1,6 @@
 """What every training script does around its step: set-up, run length, validation, final table."""
 import math
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -8,15 +9,22 @@ import torch
 from PIL import Image
 
 from dataset.labels import colorize
-from utils.distributed import get_world_size, init_distributed, is_main_process
+from utils.distributed import barrier, get_world_size, init_distributed, is_main_process
 from engine.evaluate import evaluate, eval_mode, predict_logits
-from utils.logger import RunLogger, setup_console_logging, write_json, write_run_info, write_text
+from utils.logger import RunLogger, setup_console_logging, write_json, write_text
 from engine.metrics import markdown_table, text_report
+from utils.errors import OptionError
+from cli.options import ensure_writable_dir
 from engine.precision import Precision
 from cli.builders import resolve_fast_paths
 from utils.seed import seed_everything
+from engine.trainer import BEST_CHECKPOINT, LAST_CHECKPOINT, LOSS_LOG_FILE, METRICS_FILE
 
 DEFAULT_EPOCHS = 50
+# What a run that has trained leaves in its folder; a folder holding any of them holds a run.
+RUN_FILES = (LAST_CHECKPOINT, BEST_CHECKPOINT, METRICS_FILE, LOSS_LOG_FILE)
+# Flags that name files a run reads: --overwrite must not delete them before they are read.
+INPUT_FLAGS = ("init_from", "teacher_checkpoint", "student_checkpoint", "use_pseudolabels", "thresholds", "pretrained")
 LOGGED_IMAGES = 3
 
 
@@ -29,7 +37,7 @@ class RunContext:
 
 
 def start_run(args):
-    """Device (torchrun-aware), seeds, precision, output folder with run_info.json, logger."""
+    """Device (torchrun-aware), seeds, precision, a writable output folder, logger."""
     setup_console_logging()
     device = init_distributed(args.device)
     resolve_fast_paths(args, device)
@@ -37,15 +45,47 @@ def start_run(args):
     precision = Precision(device, args.amp)
     args.amp = precision.mode
     output_dir = Path(args.output_dir)
+    claim_output_dir(args)
     if is_main_process():
-        output_dir.mkdir(parents=True, exist_ok=True)
-        write_run_info(output_dir, args, {"device": str(device), "world_size": get_world_size()})
+        ensure_writable_dir(output_dir, "--output-dir")  # run_info.json: when the trainer starts
     logger = RunLogger(output_dir / "tensorboard", tensorboard=getattr(args, "tensorboard", False),
                        wandb=getattr(args, "wandb", False), wandb_project=getattr(args, "wandb_project", None),
                        config=vars(args), run_name=output_dir.name)
     processes = f" x {get_world_size()} processes" if get_world_size() > 1 else ""
     print(f"[run] {output_dir} on {device}{processes}, precision {precision.mode}, seed {args.seed}")
     return RunContext(device, precision, logger, output_dir)
+
+
+def claim_output_dir(args):
+    """Refuse a folder that holds a run unless --resume continues it; --overwrite empties it first.
+
+    A fresh run into an old run's folder would replace its best.pth with a worse model and leave
+    the old TensorBoard events beside the new ones, mixing two runs' curves.
+    """
+    output_dir = Path(args.output_dir)
+    overwrite = getattr(args, "overwrite", False)
+    if overwrite and args.resume:
+        raise OptionError("--overwrite deletes the run that --resume would continue: give one of them")
+    held = [name for name in RUN_FILES if (output_dir / name).exists()] if output_dir.is_dir() else []
+    if not held or args.resume:
+        return
+    if not overwrite:
+        raise OptionError(f"--output-dir {output_dir} already holds a run ({', '.join(held)}): add --resume "
+                         f"{output_dir / LAST_CHECKPOINT} to continue it, --overwrite to delete it and start "
+                         f"afresh, or name a new --output-dir")
+    for flag in INPUT_FLAGS:
+        value = getattr(args, flag, None)
+        if isinstance(value, str) and Path(value).resolve().is_relative_to(output_dir.resolve()):
+            raise OptionError(f"--{flag.replace('_', '-')} {value} lies inside --output-dir {output_dir}, "
+                             f"which --overwrite would delete first: copy it elsewhere or name a new --output-dir")
+    if is_main_process():
+        for entry in output_dir.iterdir():
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        print(f"[run] --overwrite: deleted the previous run in {output_dir}")
+    barrier()  # no process starts writing before the folder is empty
 
 
 def resolve_schedule(args, batches_per_epoch):

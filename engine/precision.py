@@ -9,6 +9,8 @@ import contextlib
 
 import torch
 
+from utils.errors import OptionError
+
 AMP_CHOICES = ("auto", "off", "bf16", "fp16")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -16,7 +18,7 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 class Precision:
     def __init__(self, device, mode="auto"):
         if mode not in AMP_CHOICES:
-            raise ValueError(f"unknown --amp {mode!r}; expected one of {AMP_CHOICES}")
+            raise OptionError(f"unknown --amp {mode!r}; expected one of {AMP_CHOICES}")
         self.device = torch.device(device)
         if mode == "auto":
             if self.device.type != "cuda":
@@ -24,7 +26,7 @@ class Precision:
             else:
                 mode = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         if mode == "fp16" and self.device.type != "cuda":
-            raise ValueError(f"--amp fp16 needs a CUDA device (got {self.device}); use --amp off or bf16 on the CPU")
+            raise OptionError(f"--amp fp16 needs a CUDA device (got {self.device}); use --amp off or bf16 on the CPU")
         self.mode = mode
 
     @property

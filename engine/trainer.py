@@ -31,12 +31,13 @@ from pathlib import Path
 from tqdm import tqdm
 
 from dataset.common import data_report
+from dataset.labels import CLASS_NAMES
 from utils.checkpoint import (CHECKPOINT_FORMAT, CheckpointError, atomic_torch_save, load_checkpoint_file,
                               remove_stale_temporaries)
 from engine.data import to_device
 from utils.distributed import all_reduce_max, all_reduce_mean, barrier, get_world_size, is_main_process
 from engine.steps import NonFiniteLossError, buffers_restored_on_refusal
-from utils.logger import git_commit, plain_args, write_json, write_text
+from utils.logger import git_commit, plain_args, write_json, write_run_info, write_text
 from engine.metrics import scores_to_json
 from engine.optim import poly_lr, set_lr
 from utils.seed import rng_state, set_rng_state
@@ -50,6 +51,31 @@ MAX_CONSECUTIVE_SKIPPED = 20
 # The flag that sets each entry of a network's config (model.model_config, discriminator config).
 CONFIG_FLAGS = {"context_path": "--context-path", "num_classes": "--num-classes",
                 "input_convention": "--input-convention", "name": "--discriminator"}
+
+
+MAX_BAR_LOSSES = 4  # loss fields on the progress bar (MPL has 18 terms); every term goes to losses.jsonl
+
+
+def progress_fields(means, rates):
+    """The progress bar's postfix: the first MAX_BAR_LOSSES mean losses and the first learning rate."""
+    fields = {name: f"{value:.3f}" for name, value in list(means.items())[:MAX_BAR_LOSSES]}
+    fields.update({f"lr_{name}": f"{value:.1e}" for name, value in list(rates.items())[:1]})
+    return fields
+
+
+def class_iou_tags(iou):
+    """{'iou_00_road': ..., ...}: per-class TensorBoard tags that sort by train id and name the class."""
+    values = list(iou.values()) if isinstance(iou, dict) else list(iou)
+    names = CLASS_NAMES if len(values) == len(CLASS_NAMES) else [None] * len(values)
+    return {f"iou_{index:02d}" + (f"_{name.replace(' ', '_')}" if name else ""): value
+            for index, (name, value) in enumerate(zip(names, values))}
+
+
+def loss_line(iteration, max_iters, means, rates):
+    """The console line of a log window when no progress bar shows (--no-progress, output to a file)."""
+    values = [f"{name} {value:.4f}" for name, value in means.items()]
+    values += [f"lr_{name} {value:.2e}" for name, value in rates.items()]
+    return f"[train] iteration {iteration}/{max_iters}: {', '.join(values)}"
 
 
 class TrainingError(UserError, RuntimeError):
@@ -123,7 +149,13 @@ class Trainer:
     def save(self, filename):
         if is_main_process():
             atomic_torch_save(self.state(), self.output_dir / filename)
+            self._flush_logger()
         barrier()
+
+    def _flush_logger(self):
+        """Put the logged events on disk: a killed run keeps its curves up to its last log window."""
+        if self.logger is not None:
+            self.logger.flush()
 
     def resume(self, path):
         """Restore everything from a checkpoint written by ``save`` and seek the data streams."""
@@ -205,7 +237,9 @@ class Trainer:
         if self._stop_signal is not None:  # a second signal: stop at once
             raise KeyboardInterrupt
         self._stop_signal = signum
-        print(f"\n[signal] {signal.Signals(signum).name} received: finishing the current step, then saving a checkpoint")
+        # tqdm.write clears the progress bar first, so the message gets a line of its own.
+        tqdm.write(f"[signal] {signal.Signals(signum).name} received: finishing the current step, then saving a "
+                   f"checkpoint")
 
     def _stop_requested(self):
         """Whether to stop now; under torchrun every rank decides together (a signal reaches the
@@ -244,7 +278,7 @@ class Trainer:
         if self.logger is not None:
             for name, scores in results.items():
                 self.logger.scalars({"miou": scores["miou"], "pixel_accuracy": scores["pixel_accuracy"]}, self.iteration, prefix=f"val/{name}/")
-                self.logger.scalars({f"iou_{index:02d}": value for index, value in enumerate(scores["iou"])}, self.iteration, prefix=f"val_class/{name}/")
+                self.logger.scalars(class_iou_tags(scores["iou"]), self.iteration, prefix=f"val_class/{name}/")
             if self.image_fn is not None and is_main_process():
                 for tag, images in self.image_fn(self.iteration).items():
                     self.logger.images(tag, images, self.iteration)
@@ -255,18 +289,14 @@ class Trainer:
             self.save(BEST_CHECKPOINT)
 
     def _check_output_dir(self):
-        """Drop temporaries a killed save left behind; say so when a fresh run will replace a run's files."""
+        """Drop temporaries a killed save left behind. (A fresh run into a folder holding a run is refused
+        before this, by cli.run.claim_output_dir.)"""
         if not is_main_process():
             return
         for filename in (LAST_CHECKPOINT, BEST_CHECKPOINT):
             if remove_stale_temporaries(self.output_dir / filename):
                 print(f"[run] removed the unfinished temporary file(s) of {self.output_dir / filename} "
                       f"left by a killed save")
-        if not self._resumed and (self.output_dir / LAST_CHECKPOINT).is_file():
-            warnings.warn(f"{self.output_dir} already holds {LAST_CHECKPOINT}, but this run starts from iteration 0 "
-                          f"(no --resume): its checkpoints, metrics and loss log will be replaced. Stop now and "
-                          f"add --resume {self.output_dir / LAST_CHECKPOINT} to continue that run instead.",
-                          stacklevel=3)
 
     def _report_data(self):
         for name, stream in self.streams.items():
@@ -282,7 +312,10 @@ class Trainer:
             stream.seek(self.iteration)
         self._truncate_loss_log()  # a fresh run starts a new log; a resumed one drops a killed run's tail
         previous_handlers = self._install_signal_handlers()
-        running = {}
+        first_iteration = self.iteration
+        if is_main_process():  # here, not at start-up: a run that fails to start leaves no run_info.json
+            write_run_info(self.output_dir, self.args, {"device": str(self.device), "world_size": get_world_size()})
+        running, summed_steps = {}, 0  # loss sums of the current logging window, and how many steps they hold
         consecutive_skips = 0
         progress = tqdm(total=self.max_iters, initial=self.iteration, desc="train", dynamic_ncols=True,
                         disable=not (is_main_process() and getattr(self.args, "progress", True)))
@@ -318,18 +351,25 @@ class Trainer:
                 consecutive_skips = 0
                 for name, value in losses.items():
                     running[name] = running.get(name, 0.0) + value
+                summed_steps += 1
                 self.iteration += 1
                 progress.update(1)
 
                 if self.iteration % self.log_every == 0 or self.iteration == self.max_iters:
-                    means = {name: float(total) / self.log_every for name, total in all_reduce_mean(running).items()}
-                    running = {}
-                    progress.set_postfix({**{k: f"{v:.3f}" for k, v in means.items()},
-                                          **{f"lr_{k}": f"{v:.1e}" for k, v in rates.items()}}, refresh=False)
+                    # Divide by the steps summed, not log_every: the last window of a run, the first
+                    # after a resume and a window with skipped fp16 steps hold fewer.
+                    means = {name: float(total) / max(1, summed_steps)
+                             for name, total in all_reduce_mean(running).items()}
+                    running, summed_steps = {}, 0
+                    progress.set_postfix(progress_fields(means, rates), refresh=False)
+                    if is_main_process() and (progress.disable or not sys.stderr.isatty()):
+                        # No bar to read (--no-progress, or the output goes to a log file): a line.
+                        tqdm.write(loss_line(self.iteration, self.max_iters, means, rates))
                     self._append_loss_log({"iteration": self.iteration, **means, **{f"lr_{k}": v for k, v in rates.items()}})
                     if self.logger is not None:
                         self.logger.scalars(means, self.iteration, prefix="train/")
                         self.logger.scalars(rates, self.iteration, prefix="lr/")
+                        self._flush_logger()
                 if self.val_every and (self.iteration % self.val_every == 0 or self.iteration == self.max_iters):
                     self._validate()
                 if self.checkpoint_every and self.iteration % self.checkpoint_every == 0 and self.iteration < self.max_iters:
@@ -347,10 +387,10 @@ class Trainer:
             progress.close()
             for signum, handler in previous_handlers.items():
                 signal.signal(signum, handler)
-            if self.logger is not None:
-                self.logger.flush()
+            self._flush_logger()
         elapsed = time.perf_counter() - started
-        tqdm.write(f"[train] finished {self.iteration} iterations in {elapsed:.1f} s"
+        tqdm.write(f"[train] ran {self.iteration - first_iteration} iterations ({first_iteration + 1}..{self.iteration} "
+                   f"of {self.max_iters}) in {elapsed:.1f} s"
                    + (f" ({self.skipped_steps} skipped non-finite steps)" if self.skipped_steps else ""))
         self._report_data()
         return self.history[-1] if self.history else None

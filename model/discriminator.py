@@ -13,6 +13,9 @@ from model.bisenet import BilinearResize
 
 KERNEL_SIZE, STRIDE, PADDING = 4, 2, 1  # each layer halves the resolution
 LEAKY_SLOPE = 0.2
+STRIDED_LAYERS = 5
+# Smallest input side: the fifth 4x4 convolution needs a 2-pixel input (4 with its padding).
+MIN_INPUT_SIDE = STRIDE ** STRIDED_LAYERS
 NO_DISCRIMINATOR = "none"
 # Numeric codes of the old course scripts' --discriminator option.
 _LEGACY_CODES = {"0": "fcd", "1": "dsc"}

@@ -4,7 +4,7 @@ import statistics
 
 import numpy as np
 
-from dataset.labels import SHORT_NAMES, colorize
+from dataset.labels import CLASS_NAMES, PALETTE, SHORT_NAMES, colorize
 
 
 def mean_std(values):
@@ -69,26 +69,65 @@ def table2_markdown(rows):
     return "\n".join(lines)
 
 
-def plot_miou_curves(curves, path, title="target-val mIoU during training"):
-    """``curves``: {method: [(iteration, miou), ...]} -> PNG line plot."""
+def curve_bands(curves_per_seed):
+    """[{method: [(iteration, miou), ...]} per seed] -> {method: [(iteration, mean, min, max), ...]} over the
+    seeds that have a point at that iteration (every seed runs the same schedule)."""
+    bands = {}
+    for method in dict.fromkeys(method for curves in curves_per_seed for method in curves):
+        by_iteration = {}
+        for curves in curves_per_seed:
+            for iteration, value in curves.get(method, []):
+                by_iteration.setdefault(iteration, []).append(value)
+        bands[method] = [(iteration, statistics.fmean(values), min(values), max(values))
+                         for iteration, values in sorted(by_iteration.items())]
+    return bands
+
+
+MARKERS = "osD^v<>ph*"  # one per method, so a method's single point does not hide under another's
+
+
+def plot_miou_curves(curves_per_seed, path, title="target-val mIoU during training"):
+    """``curves_per_seed``: [{method: [(iteration, miou), ...]} per seed] -> PNG: the mean over the seeds,
+    a band from the lowest to the highest seed, and a title that says how many seeds there are."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
+    seeds = len(curves_per_seed)
     figure, axis = plt.subplots(figsize=(7, 4.5), dpi=120)
-    for method, points in curves.items():
-        if points:
-            iterations, values = zip(*points)
-            axis.plot(iterations, [100 * v for v in values], marker="o", markersize=3, label=method)
+    for index, (method, points) in enumerate(curve_bands(curves_per_seed).items()):
+        if not points:
+            continue
+        iterations, means, lows, highs = zip(*points)
+        single = len(points) == 1
+        line, = axis.plot(iterations, [100 * v for v in means], marker=MARKERS[index % len(MARKERS)],
+                          markersize=7 if single else 3, fillstyle="none" if single else "full", label=method)
+        if seeds > 1:
+            axis.fill_between(iterations, [100 * v for v in lows], [100 * v for v in highs], alpha=0.15,
+                              color=line.get_color(), linewidth=0)
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # iterations are whole numbers
     axis.set_xlabel("iteration")
     axis.set_ylabel("mIoU (%)")
-    axis.set_title(title)
+    spread = f"mean of {seeds} seeds, band: lowest to highest seed" if seeds > 1 else "one seed (seed 0), no spread"
+    axis.set_title(f"{title}\n{spread}", fontsize=10)
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
+    return figure
+
+
+def class_legend_entries():
+    """(name, RGB 0..1) of every train id, then the ignore colour (black) the predictions never use."""
+    entries = [(name, tuple(channel / 255 for channel in PALETTE[train_id])) for train_id, name in enumerate(CLASS_NAMES)]
+    return entries + [("ignore / unlabelled", (0.0, 0.0, 0.0))]
+
+
+TITLE_POINTS = 12  # column titles, readable at the figure's 2000-3000 px width
+LEGEND_INCHES = 1.0  # room below the grid for the class-colour legend
 
 
 def plot_qualitative(images, labels, predictions, path):
@@ -104,7 +143,8 @@ def plot_qualitative(images, labels, predictions, path):
 
     columns = ["image", "ground truth", *predictions]
     rows = len(images)
-    figure, axes = plt.subplots(rows, len(columns), figsize=(2.2 * len(columns), 1.3 * rows + 0.4), dpi=120, squeeze=False)
+    height = 1.3 * rows + 0.4 + LEGEND_INCHES
+    figure, axes = plt.subplots(rows, len(columns), figsize=(2.2 * len(columns), height), dpi=120, squeeze=False)
     for row in range(rows):
         panels = [images[row], colorize(labels[row]), *(colorize(p[row]) for p in predictions.values())]
         for column, panel in enumerate(panels):
@@ -113,7 +153,15 @@ def plot_qualitative(images, labels, predictions, path):
             axis.set_xticks([])
             axis.set_yticks([])
             if row == 0:
-                axis.set_title(columns[column], fontsize=7)
-    figure.tight_layout()
+                axis.set_title(columns[column], fontsize=TITLE_POINTS)
+    from matplotlib.patches import Patch
+
+    entries = class_legend_entries()
+    figure.legend(handles=[Patch(facecolor=colour, edgecolor="grey", label=name) for name, colour in entries],
+                  loc="lower center", ncol=10, fontsize=TITLE_POINTS - 2, frameon=False,
+                  title="colours (black: ignore, pixels without a class in the ground truth)",
+                  title_fontsize=TITLE_POINTS - 1)
+    figure.tight_layout(rect=(0, LEGEND_INCHES / height, 1, 1))
     figure.savefig(path)
     plt.close(figure)
+    return figure

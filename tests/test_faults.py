@@ -17,6 +17,7 @@ from dataset.labels import NUM_CLASSES
 from model.bisenet import BiSeNet
 from model.loading import bisenet_checkpoint_entry
 from tests.conftest import write_tiny_tree
+import uda.step as uda_step
 from tests.helpers import TINY_RUN, finish, folder_digest, start_script, temporaries
 from utils.checkpoint import CHECKPOINT_FORMAT, atomic_torch_save, load_checkpoint_file
 from cli.entry import EXIT_USER_ERROR, run_main
@@ -30,7 +31,7 @@ SCHEDULE = ["--max-iters", str(MAX_ITERS), "--checkpoint-every", "2", "--val-eve
 def test_non_finite_loss_names_iteration_and_term_and_keeps_the_last_checkpoint(tiny_data_root, tmp_path,
                                                                                  monkeypatch, capsys, one_thread):
     """A NaN in iteration 3's source batch (through the real adversarial step and check_finite)."""
-    real_step = trainUnsupervised.adversarial_step
+    real_step = uda_step.adversarial_step
     run = tmp_path / "run"
     seen = {"calls": 0}
 
@@ -42,7 +43,7 @@ def test_non_finite_loss_names_iteration_and_term_and_keeps_the_last_checkpoint(
             args[7] = torch.full_like(args[7], float("nan"))  # source images
         return real_step(*args, **kwargs)
 
-    monkeypatch.setattr(trainUnsupervised, "adversarial_step", poisoned_step)
+    monkeypatch.setattr(uda_step, "adversarial_step", poisoned_step)  # what trainUnsupervised's step calls
     with pytest.raises(SystemExit) as exit_info:
         run_main(trainUnsupervised.main, trainUnsupervised.get_args,
                  ["--data-root", str(tiny_data_root), "--output-dir", str(run), *TINY, *SCHEDULE])

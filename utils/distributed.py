@@ -17,6 +17,7 @@ from torch import nn
 from utils.errors import OptionError
 
 
+
 def is_distributed():
     return dist.is_available() and dist.is_initialized()
 
@@ -91,9 +92,16 @@ def _restore_console():
 def resolve_device(device_arg="auto"):
     if device_arg in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device_arg)
+    try:
+        device = torch.device(device_arg)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise OptionError(f"--device {device_arg}: expected auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise OptionError(f"--device {device_arg}: CUDA is not available on this machine; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise OptionError(f"--device {device_arg}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 

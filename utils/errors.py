@@ -13,3 +13,8 @@ class UserError(Exception):
 
 class OptionError(UserError, ValueError):
     """Flags that contradict each other or this machine (checked before any work starts)."""
+
+
+class WriteError(UserError, OSError):
+    """The file system refused a write (a full disk, a quota, a read-only mount); the previous file
+    of that name is left as it was."""

@@ -10,6 +10,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from utils.errors import WriteError
+
 
 def _read_umask():
     # Read once at import: os.umask can only be read by setting it, which is not thread-safe.
@@ -28,12 +30,19 @@ def atomic_write(path, write_fn, suffix=".tmp", durable=True):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            write_fn(handle)
-            os.fchmod(handle.fileno(), _FILE_MODE)
-            if durable:
-                handle.flush()
-                os.fsync(handle.fileno())
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                write_fn(handle)
+                os.fchmod(handle.fileno(), _FILE_MODE)
+                if durable:
+                    handle.flush()
+                    os.fsync(handle.fileno())
+        except Exception as error:
+            reason = _write_failure(error)
+            if reason is None:
+                raise
+            raise WriteError(f"cannot write {path}: {reason}; the previous {path.name}, if any, "
+                             f"is left as it was") from error
         os.replace(tmp_name, path)
     except BaseException:
         if os.path.exists(tmp_name):
@@ -41,6 +50,22 @@ def atomic_write(path, write_fn, suffix=".tmp", durable=True):
         raise
     if durable:
         _fsync_directory(path.parent)
+
+
+def _write_failure(error):
+    """Why writing failed, when the file system refused (a full disk, a quota, a read-only mount), else None.
+
+    torch.save reports a full disk as "RuntimeError: [enforce fail at inline_container.cc] ... file write
+    failed", with the OSError ("No space left on device") only in the chained exception.
+    """
+    seen = error
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.strerror:
+            return seen.strerror
+        seen = seen.__cause__ or seen.__context__
+    if "write failed" in str(error):
+        return "the file write failed (is the disk full?)"
+    return None
 
 
 def atomic_write_bytes(path, data, durable=True):

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import numpy as np
@@ -24,9 +25,7 @@ class RunLogger:
         if not is_main_process():
             return
         if tensorboard and log_dir is not None:
-            from tensorboardX import SummaryWriter  # lazy: optional dependency
-
-            self._tensorboard = SummaryWriter(logdir=str(log_dir))
+            self._tensorboard = _EventFile(log_dir)
         if wandb:
             import wandb as wandb_module  # lazy: optional dependency; honours WANDB_MODE=offline/disabled
 
@@ -38,7 +37,7 @@ class RunLogger:
                   if value is not None and not (isinstance(value, float) and math.isnan(value))}
         if self._tensorboard is not None:
             for key, value in values.items():
-                self._tensorboard.add_scalar(key, value, step)
+                self._tensorboard.scalar(key, value, step)
         if self._wandb is not None and values:
             self._wandb.log(values, step=step)
 
@@ -48,7 +47,7 @@ class RunLogger:
             return
         strip = np.concatenate(images_hwc, axis=1)
         if self._tensorboard is not None:
-            self._tensorboard.add_image(tag, strip, step, dataformats="HWC")
+            self._tensorboard.image(tag, strip, step)
         if self._wandb is not None:
             import wandb as wandb_module
 
@@ -65,6 +64,45 @@ class RunLogger:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+
+
+class _EventFile:
+    """A TensorBoard event file written in the calling thread, so ``flush()`` puts every event logged
+    so far on disk. tensorboardX's SummaryWriter hands events to a background thread through a queue
+    and its flush() does not wait for that queue: a killed run kept a 0-byte file."""
+
+    def __init__(self, log_dir):
+        from tensorboardX.event_file_writer import EventsWriter  # lazy: optional dependency
+
+        self._log_dir = Path(log_dir)
+        self._writer = None
+        self._events_writer = EventsWriter
+
+    def _write(self, summary, step):
+        from tensorboardX.proto.event_pb2 import Event
+
+        if self._writer is None:  # at the first event: a run that fails to start leaves no empty folder
+            self._log_dir.mkdir(parents=True, exist_ok=True)
+            self._writer = self._events_writer(os.path.join(str(self._log_dir), "events"))
+        self._writer.write_event(Event(wall_time=time.time(), step=int(step), summary=summary))
+
+    def scalar(self, tag, value, step):
+        from tensorboardX.summary import scalar
+
+        self._write(scalar(tag, value), step)
+
+    def image(self, tag, image_hwc, step):
+        from tensorboardX.summary import image
+
+        self._write(image(tag, image_hwc, dataformats="HWC"), step)
+
+    def flush(self):
+        if self._writer is not None:
+            self._writer.flush()
+
+    def close(self):
+        if self._writer is not None:
+            self._writer.close()
 
 
 GIT_COMMIT_ENV = "UDA_GIT_COMMIT"

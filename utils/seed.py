@@ -1,4 +1,7 @@
 """Seeding in one place: Python, numpy and torch, plus reproducible DataLoader workers."""
+import atexit
+import multiprocessing
+import multiprocessing.util  # registers the exit-time terminate/join that stop_workers_at_exit must precede
 import random
 import signal
 
@@ -17,10 +20,32 @@ def ignore_stop_signals(worker_id=None):
 
     A signal sent to the whole process group (Ctrl-C, SLURM) must reach only the main process,
     which finishes its step (or validation) and checkpoints; a worker dying first would make the
-    DataLoader raise and lose that work. The main process shuts the workers down itself.
+    DataLoader raise and lose that work. The main process shuts the workers down itself, at the
+    latest when it exits (:func:`stop_workers_at_exit`).
     """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def stop_workers_at_exit():
+    """End the DataLoader workers still alive when the interpreter exits (registered with atexit).
+
+    A worker's exception re-raised in the main process holds the loader iterator in a reference
+    cycle (exception -> traceback -> frame -> exception), so the iterator's ``__del__``, which
+    shuts its workers down, has not run when the interpreter exits after an error. Python's own
+    exit handler then sends the workers SIGTERM, which they ignore (:func:`ignore_stop_signals`),
+    and waits for them forever. Here, first collect such cycles so the iterators stop their workers
+    politely, then kill the daemonic children left (DataLoader workers are daemonic; the main
+    process has finished all its work by now, so nothing is lost).
+    """
+    for process in multiprocessing.active_children():
+        if process.daemon:
+            process.kill()
+            process.join()
+
+
+# Registered after multiprocessing.util's exit handler (imported above), so it runs before it.
+atexit.register(stop_workers_at_exit)
 
 
 def seed_worker(worker_id):
