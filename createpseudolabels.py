@@ -46,8 +46,6 @@ from uda.pseudolabels import generate_pseudo_labels
 from cli.entry import run_main
 
 NETWORKS = ("model", "teacher")
-# Options of the shared data group that only training uses (hidden here; --skip-bad is refused).
-TRAINING_ONLY = ("crop_size", "scale_range", "flip", "skip_bad")
 
 
 def unit_float(text):
@@ -64,13 +62,10 @@ def get_args(argv=None):
                         help="which network of a multi-network checkpoint (MPL: model = student, teacher)")
     parser.add_argument("--output-dir", required=True, help="folder for the pseudo labels (then --use-pseudolabels DIR)")
     parser.add_argument("--split", default="train", help="Cityscapes split to label")
-    add_data_args(parser, source=False)
-    parser.set_defaults(input_convention=None)
-    for action in parser._actions:
-        if action.dest == "input_convention":
-            action.help = "input normalisation (default: the one recorded in the checkpoint)"
-        elif action.dest in TRAINING_ONLY:
-            action.help = argparse.SUPPRESS
+    add_data_args(parser, source=False, training=False, convention_from_checkpoint=True)
+    # Inference reads the images as they are: no crop, no scale jitter, no training flips (--flip
+    # below is test-time augmentation).
+    parser.set_defaults(crop_size=None, scale_range=None, flip=False)
     method = parser.add_argument_group("pseudo labels")
     method.add_argument("--max-threshold", type=unit_float, default=MAX_THRESHOLD,
                         help="cap on the class thresholds (BDL: 0.9)")

@@ -51,11 +51,7 @@ def get_args(argv=None):
     parser.add_argument("--save-predictions", metavar="DIR", default=None,
                         help=f"write colourised predictions to DIR/{COLOR_SUBDIR}/ and official label-id result files "
                              f"to DIR/{RESULTS_SUBDIR}/ (point CITYSCAPES_RESULTS there for cityscapesscripts)")
-    add_data_args(parser, source=False, training=False)
-    parser.set_defaults(input_convention=None)
-    for action in parser._actions:
-        if action.dest == "input_convention":
-            action.help = "input normalisation (default: the one recorded in the checkpoint)"
+    add_data_args(parser, source=False, training=False, convention_from_checkpoint=True)
     add_inference_runtime_args(parser)
     bench = parser.add_argument_group("speed")
     bench.add_argument("--benchmark", action="store_true", help="also measure inference speed (images/s)")

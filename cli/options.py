@@ -109,7 +109,7 @@ def make_parser(description):
     return argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
 
 
-def add_data_args(parser, source=True, target=True, training=True):
+def add_data_args(parser, source=True, target=True, training=True, convention_from_checkpoint=False):
     group = parser.add_argument_group("data (default: the built-in synthetic benchmark, generated on first use)")
     group.add_argument("--data-root", default=None,
                        help="folder holding GTA5/ and Cityscapes/ (the synthetic benchmark's layout); "
@@ -132,9 +132,13 @@ def add_data_args(parser, source=True, target=True, training=True):
     group.add_argument("--eval-size", type=size_type, default=None,
                        help="inference size WIDTHxHEIGHT for validation; predictions are scored at the label's full "
                             "resolution (default: the target size)")
-    group.add_argument("--input-convention", choices=CONVENTIONS, default="imagenet",
-                       help="input normalisation: imagenet (RGB, mean/std) or course (BGR, mean subtraction, "
-                            "as the old course repository's checkpoints need)")
+    if convention_from_checkpoint:  # inference: the checkpoint records the convention it was trained with
+        group.add_argument("--input-convention", choices=CONVENTIONS, default=None,
+                           help="input normalisation (default: the one recorded in the checkpoint)")
+    else:
+        group.add_argument("--input-convention", choices=CONVENTIONS, default="imagenet",
+                           help="input normalisation: imagenet (RGB, mean/std) or course (BGR, mean subtraction, "
+                                "as the old course repository's checkpoints need)")
     group.add_argument("--workers", type=non_negative_int, default=2, help="DataLoader worker processes")
     group.add_argument("--skip-bad", action="store_true",
                        help="skip unreadable images/labels (counted and reported) instead of stopping")

@@ -46,9 +46,9 @@ def _after_logged_iteration(iteration, signum, process_group):
 
 
 def _after_label_files(count, signum, process_group):
-    from uda import pseudolabels
+    from uda import pseudolabel_files
 
-    write = pseudolabels.write_label_files
+    write = pseudolabel_files.write_label_files
     written = []
 
     def write_then_signal(*args, **kwargs):
@@ -57,7 +57,7 @@ def _after_label_files(count, signum, process_group):
         if len(written) == count:
             _send(signum, process_group)
 
-    pseudolabels.write_label_files = write_then_signal
+    pseudolabel_files.write_label_files = write_then_signal
 
 
 def main():

@@ -402,7 +402,7 @@ def test_script_flags():
     args = createpseudolabels.get_args(base + ["--scales", "0.75", "1", "1.25", "--flip", "--per-image",
                                                "--max-threshold", "0.8", "--network", "teacher"])
     assert args.scales == [0.75, 1.0, 1.25] and args.tta_flip and args.per_image and args.max_threshold == 0.8
-    assert args.flip  # the training-augmentation flag of the shared data group is untouched
+    assert not args.flip and args.crop_size is None  # no training augmentation when labelling
     for bad in (["--max-threshold", "1.5"], ["--scales", "0"], ["--skip-bad"], ["--network", "student"]):
         with pytest.raises(SystemExit):
             createpseudolabels.get_args(base + bad)
