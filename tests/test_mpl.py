@@ -14,8 +14,7 @@ from utils.checkpoint import CHECKPOINT_FORMAT, load_checkpoint_file
 from engine.steps import main_output, segmentation_loss, set_requires_grad
 from uda.adversarial import SOURCE_DOMAIN, adversarial_step, domain_loss
 from cli.mpl_options import read_thresholds, resolve_mpl_args
-from uda.meta_pseudo_labels import (DEFAULT_REFRESH, Learner, MPLStep, PseudoLabeler, augment_view, flip_where,
-                                    pseudo_label_loss)
+from uda.meta_pseudo_labels import (DEFAULT_REFRESH, Learner, MPLStep, PseudoLabeler, augment_view, flip_where)
 from utils.errors import OptionError
 from uda.mpl_feedback import CourseFeedback, PhamFeedback, course_coefficient, running_stats_frozen
 from engine.optim import build_optimizer
@@ -221,7 +220,7 @@ def test_teacher_gradient_equals_a_hand_built_reference(rule, iteration):
         segmentation_loss(student0(target[0]), pseudo).backward()
         optimizer0.step()
         coefficient = (before - _labeled_loss(student0, *source)).item()
-        target_terms = coefficient * pseudo_label_loss(logits, pseudo) + LAMBDA_ADV * adversarial
+        target_terms = coefficient * segmentation_loss(logits, pseudo) + LAMBDA_ADV * adversarial
     else:
         # Epoch 0: 1. Epoch 1: alpha x lr x L_pseudo x L_source, the student's losses before its step.
         coefficient = 1.0
@@ -230,7 +229,7 @@ def test_teacher_gradient_equals_a_hand_built_reference(rule, iteration):
             loss_pseudo = segmentation_loss(student0(target[0]), pseudo)
             coefficient = 0.0253151205 * 1e-2 * (loss_pseudo * loss_source).item()
         target_terms = coefficient * segmentation_loss([head[:2] for head in outputs], pseudo) + 1.0 * adversarial
-    loss = (target_terms + UDA_WEIGHT * pseudo_label_loss(logits_view, flip_where(pseudo, flipped))
+    loss = (target_terms + UDA_WEIGHT * segmentation_loss(logits_view, flip_where(pseudo, flipped))
             + segmentation_loss(teacher0(source[0]), source[1]))
     assert losses["mpl_coefficient"].item() == pytest.approx(coefficient, rel=1e-3)
     names, parameters = zip(*teacher0.named_parameters())

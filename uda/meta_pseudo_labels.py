@@ -118,12 +118,6 @@ class PseudoLabeler(nn.Module):
         return apply_thresholds(pred, conf, self.thresholds).long()
 
 
-def pseudo_label_loss(logits, labels):
-    """Mean cross-entropy over the pixels that have a label; 0 (not NaN) when none has: the
-    segmentation loss of a single output."""
-    return segmentation_loss(logits, labels)
-
-
 # ---------------------------------------------------------------------------- augmented view
 def augment_view(images, generator):
     """A noised view for the consistency term: (view [B, 3, H, W], flipped bool [B]).
@@ -227,7 +221,7 @@ class MPLStep:
         target_heads = [head[:batch] for head in heads] if self.feedback.teacher_target_all_heads else logits
         terms = {"t_loss_mpl": segmentation_loss(target_heads, pseudo)}
         if self.uda_weight > 0:
-            terms["t_loss_uda"] = pseudo_label_loss(logits_view, flip_where(pseudo, flipped))
+            terms["t_loss_uda"] = segmentation_loss(logits_view, flip_where(pseudo, flipped))
         if frozen_discriminator is not None:
             target_probabilities = F.softmax(logits, dim=1)
             with precision.autocast():
