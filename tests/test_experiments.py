@@ -17,7 +17,7 @@ from reporting.pipeline import (BASELINE, DEFAULT_METHODS, METHODS, SELF_TRAININ
 from reporting.report import table1_markdown
 
 REPO = Path(__file__).resolve().parents[1]
-COMMITTED_RESULTS = REPO / "results" / "synthetic"
+COMMITTED_RESULTS = (REPO / "results" / "synthetic", REPO / "results" / "synthetic_seed0")
 
 
 def _table_rows(path):
@@ -94,8 +94,9 @@ def assert_tables_agree_with_results(folder):
         assert 0.0 < float(complexity[name]["GFLOPs"]) < 1000.0, name
 
 
-def test_committed_results_tables_agree_with_their_results_json():
-    assert_tables_agree_with_results(COMMITTED_RESULTS)
+@pytest.mark.parametrize("folder", COMMITTED_RESULTS, ids=lambda folder: folder.name)
+def test_committed_results_tables_agree_with_their_results_json(folder):
+    assert_tables_agree_with_results(folder)
 
 
 @pytest.mark.slow
