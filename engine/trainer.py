@@ -32,8 +32,8 @@ from tqdm import tqdm
 
 from dataset.common import data_report
 from dataset.labels import CLASS_NAMES
-from utils.checkpoint import (CHECKPOINT_FORMAT, CheckpointError, atomic_torch_save, load_checkpoint_file,
-                              remove_stale_temporaries)
+from utils.checkpoint import CHECKPOINT_FORMAT, CheckpointError, atomic_torch_save, load_checkpoint_file
+from utils.files import remove_stale_temporaries
 from engine.data import to_device
 from utils.distributed import all_reduce_max, all_reduce_mean, barrier, get_world_size, is_main_process
 from engine.steps import NonFiniteLossError, buffers_restored_on_refusal

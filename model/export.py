@@ -31,7 +31,8 @@ from torch import nn
 
 from dataset.normalization import get_normalization
 from model.loading import load_bisenet
-from utils.checkpoint import CheckpointError, atomic_write
+from utils.checkpoint import CheckpointError
+from utils.files import atomic_write
 from utils.sizes import format_size, size_type
 
 OPSET = 18  # the torch.export-based exporter's own; onnxruntime >= 1.14 runs it

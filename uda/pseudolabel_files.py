@@ -16,14 +16,15 @@ from PIL import Image
 from dataset.labels import CLASS_NAMES, NUM_CLASSES, flat_palette
 from dataset.paths import PSEUDO_COLOR_DIR, PSEUDO_LABEL_SUFFIX, THRESHOLDS_FILE, pseudo_color_path, pseudo_label_path
 from uda.pseudolabel_stats import HISTOGRAM_FORMAT
-from utils.checkpoint import CheckpointError, atomic_write, load_checkpoint_file
+from utils.checkpoint import CheckpointError, load_checkpoint_file
+from utils.files import atomic_write
 from utils.errors import UserError
 
 # Files of a pseudo-label folder besides the labels (the loader's names are in dataset.paths).
 QUALITY_FILE = "quality.json"
 COMPLETE_FILE = "complete.json"
 HISTOGRAM_FILE = ".histogram.pt"
-TEMP_PATTERN = ".*.tmp"  # what utils.checkpoint.atomic_write leaves behind if killed mid-write
+TEMP_PATTERN = ".*.tmp"  # what utils.files.atomic_write leaves behind if killed mid-write
 STATE_FORMAT = "uda-bisenet/pseudo-labels/1"
 DEFAULT_WRITER_THREADS = 2  # PNG encoding releases the GIL: overlap it with inference
 PENDING_WRITES_PER_THREAD = 4  # bounds the labels waiting in memory to be written

@@ -22,7 +22,7 @@ Images are inferred at the dataset's transform size and the logits upsampled bil
 image's full size (read from the file header) before the softmax, as ``engine.evaluate`` does;
 optional test-time augmentation averages the softmax over ``scales`` x (flip) views.
 
-The output folder, written atomically file by file (``utils.checkpoint.atomic_write``):
+The output folder, written atomically file by file (``utils.files.atomic_write``):
 
 * ``.histogram.pt``: pass 1's state, with an identity of the model and data (weights hash, image
   list, transform, precision, TTA) so that ``resume=True`` reuses it only for the same job;

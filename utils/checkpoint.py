@@ -10,9 +10,7 @@ from pathlib import Path
 
 import torch
 
-# The generic atomic write lives in the leaf module utils.files; it is re-exported here because
-# callers write checkpoints and reports through utils.checkpoint.
-from utils.files import atomic_write, remove_stale_temporaries  # noqa: F401
+from utils.files import atomic_write
 from utils.errors import UserError
 
 CHECKPOINT_FORMAT = "uda-bisenet/1"

@@ -157,7 +157,7 @@ def write_png(path, image):
     """Write a PIL image or a uint8 array (HxW or HxWx3) as a PNG, atomically."""
     from PIL import Image
 
-    from utils.checkpoint import atomic_write
+    from utils.files import atomic_write
 
     if not isinstance(image, Image.Image):
         image = Image.fromarray(image)
