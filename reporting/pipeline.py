@@ -179,6 +179,12 @@ METHODS = (
     ("DACS + DSC + RCS", "dacs_dsc_rcs", "model"),
 )
 BASELINE = "Source only"
+CONTROL = "Source only, continued"
+# The paired comparisons (deltas.md): the baseline, the control, the report's adaptation rows that
+# the others build on, and the best of the report's rows, which a new method has to beat.
+PAIRED_REFERENCES = (BASELINE, CONTROL, "DSC", "DSC + PL")
+REPORT_ADAPTATION_ROWS = ("FCD", "DSC", "DSC + PL", "DSC + MPL pham (student)", "DSC + MPL pham (teacher)",
+                          "DSC + MPL course (student)", "DSC + MPL course (teacher)")
 
 # --methods: the report's rows (every stage above up to MPL) and the self-training rows, one each.
 REPORT_METHODS = "report"

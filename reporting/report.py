@@ -60,6 +60,42 @@ def _delta_cell(is_baseline, mious, baseline_mious, show_std):
     return f"{text} ± {100 * std:.1f}" if show_std and std is not None else text
 
 
+def paired_deltas(mious, reference_mious):
+    """Per-seed mIoU differences (row − reference of the same seed), or None when the seeds differ."""
+    if len(mious) != len(reference_mious) or not mious:
+        return None
+    return [a - b for a, b in zip(mious, reference_mious)]
+
+
+def paired_deltas_markdown(rows, references):
+    """Each row against each reference, paired by seed: mean ± std of the differences in mIoU points,
+    every seed's difference, and how many seeds are above the reference.
+
+    ``rows``: list of (label, list of score dicts, one per seed); ``references``: (column title,
+    label among the rows) pairs (a reference's own cell is "—"). With one seed a cell is that
+    seed's difference.
+    """
+    mious = {label: [s["miou"] for s in scores] for label, scores in rows}
+    lines = ["| method | " + " | ".join(f"Δ vs {title}" for title, _ in references) + " |",
+             "|" + "---|" * (len(references) + 1)]
+    for label, _ in rows:
+        cells = [label]
+        for _, reference in references:
+            deltas = None if label == reference else paired_deltas(mious[label], mious.get(reference, []))
+            cells.append("—" if deltas is None else _paired_cell(deltas))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _paired_cell(deltas):
+    if len(deltas) == 1:
+        return f"{100 * deltas[0]:+.1f}"
+    mean, std = mean_std(deltas)
+    each = ", ".join(f"{100 * delta:+.1f}" for delta in deltas)
+    above = sum(delta > 0 for delta in deltas)
+    return f"{100 * mean:+.1f} ± {100 * std:.1f} ({each}; {above}/{len(deltas)} above)"
+
+
 def table2_markdown(rows):
     """Report's Table II: parameters and GFLOPs (2 x thop MACs) of each network."""
     lines = ["| network | input | parameters | GFLOPs |", "|---|---|---:|---:|"]

@@ -16,8 +16,9 @@ from engine.evaluate import eval_mode, evaluate, predict_logits
 from engine.metrics import scores_from_json, scores_to_json
 from engine.precision import Precision
 from model import load_bisenet
-from reporting.pipeline import BASELINE, METHODS, STAGE_BY_KEY, start_iteration
-from reporting.report import mean_std, table2_markdown
+from reporting.pipeline import (BASELINE, METHODS, PAIRED_REFERENCES, REPORT_ADAPTATION_ROWS, STAGE_BY_KEY,
+                                start_iteration)
+from reporting.report import mean_std, paired_deltas, table2_markdown
 
 QUALITATIVE_IMAGES = 4
 COMPLEXITY_SIZE = (512, 1024)  # the report's Table II resolution (height, width)
@@ -101,6 +102,29 @@ def curves(seed_dir, settings):
             points.insert(0, result[parent_label][-1])
         result[label] = points
     return result
+
+
+def best_report_row(scores):
+    """The report's adaptation row with the highest mean mIoU among those scored, or None."""
+    scored = [label for label in REPORT_ADAPTATION_ROWS if label in scores]
+    return max(scored, key=lambda label: mean_std([s["miou"] for s in scores[label]])[0], default=None)
+
+
+def paired_references(scores):
+    """(column title, row label) of the paired comparisons that these scores allow."""
+    references = [(label, label) for label in PAIRED_REFERENCES if label in scores]
+    best = best_report_row(scores)
+    if best is not None:
+        references.append((f"best report row ({best})", best))
+    return references
+
+
+def paired_summary(scores, references):
+    """{row: {reference: per-seed mIoU differences}} for results.json."""
+    mious = {label: [s["miou"] for s in values] for label, values in scores.items()}
+    return {label: {reference: paired_deltas(mious[label], mious[reference])
+                    for _, reference in references if reference != label}
+            for label in scores}
 
 
 def results_summary(scores, gap):

@@ -14,7 +14,8 @@ import trainUnsupervised
 from reporting.pipeline import (BASELINE, DEFAULT_METHODS, METHODS, SELF_TRAINING_METHODS, STAGE_ARGS, STAGE_BY_KEY,
                                 STAGE_KEYS, Settings, Stage, run_stage, selected_stage_keys, start_iteration,
                                 total_iterations)
-from reporting.report import table1_markdown
+from reporting.report import paired_deltas_markdown, table1_markdown
+from reporting.scoring import best_report_row, paired_references, paired_summary
 
 REPO = Path(__file__).resolve().parents[1]
 COMMITTED_RESULTS = (REPO / "results" / "synthetic", REPO / "results" / "synthetic_seed0")
@@ -82,6 +83,8 @@ def assert_tables_agree_with_results(folder):
             _assert_cell(delta.lstrip("+"), [a - b for a, b in zip(mious, baseline)], f"{label} delta")
         assert row["iterations"] == str(total_iterations(settings, stage)), label
     assert results["domain_gap"]["source_only_target_val_miou"] == baseline
+    if (folder / "deltas.md").is_file():
+        _assert_deltas_agree(_table_rows(folder / "deltas.md"), methods)
     assert all(0.0 < value <= 1.0 for value in results["domain_gap"]["source_only_source_val_miou"])
 
     # Table II: the parameter counts of the networks built here (thop's count of the same modules).
@@ -92,6 +95,30 @@ def assert_tables_agree_with_results(folder):
     for name, network in networks.items():
         assert int(complexity[name]["parameters"].replace(",", "")) == sum(p.numel() for p in network.parameters())
         assert 0.0 < float(complexity[name]["GFLOPs"]) < 1000.0, name
+
+
+def _assert_deltas_agree(table, methods):
+    """deltas.md against the per-seed mIoUs: each cell is (row − reference) of the same seed."""
+    assert list(table) == list(methods)
+    references = {title: title.removeprefix("Δ vs ") for title in next(iter(table.values())) if title != "method"}
+    best = [title for title in references if title.startswith("Δ vs best report row (")]
+    for title in best:
+        references[title] = title.removeprefix("Δ vs best report row (")[:-1]
+        report_rows = [label for label in methods if label in ("FCD", "DSC", "DSC + PL") or label.startswith("DSC + MPL")]
+        assert references[title] == max(report_rows, key=lambda label: methods[label]["miou_mean"])
+    for label, row in table.items():
+        mious = [scores["miou"] for scores in methods[label]["per_seed"]]
+        for title, reference in references.items():
+            if reference == label:
+                assert row[title] == "—"
+                continue
+            deltas = [100 * (a - b) for a, b in zip(mious, [s["miou"] for s in methods[reference]["per_seed"]])]
+            shown = [float(word) for word in row[title].replace("±", " ").replace("(", " ").replace(",", " ")
+                     .split(";")[0].split()]
+            expected = [statistics.fmean(deltas)] + ([statistics.stdev(deltas), *deltas] if len(deltas) > 1 else [])
+            assert shown == pytest.approx(expected, abs=0.051), f"{label} vs {reference}: {row[title]!r}"
+            if len(deltas) > 1:
+                assert row[title].endswith(f"; {sum(d > 0 for d in deltas)}/{len(deltas)} above)")
 
 
 @pytest.mark.parametrize("folder", COMMITTED_RESULTS, ids=lambda folder: folder.name)
@@ -191,6 +218,31 @@ def test_table1_deltas_are_paired_by_seed():
     # per seed +3.0 and +1.0 points: mean 2.0, standard deviation sqrt(2) = 1.41
     assert dsc[-2:] == ["+2.0 ± 1.4", "750 |"]
     assert dsc[-4] == "17.0 ± 5.7"  # the row's own mIoU: mean of 13 and 21, unpaired std 5.66
+
+
+def test_paired_deltas_table_pairs_each_seed_with_the_same_seed_of_the_reference():
+    rows = [("DSC", [_scores(0.20), _scores(0.18), _scores(0.22)]),
+            ("DACS", [_scores(0.23), _scores(0.17), _scores(0.26)]),
+            ("One seed", [_scores(0.30)])]
+    lines = paired_deltas_markdown(rows, [("DSC", "DSC"), ("best report row (DACS)", "DACS")]).splitlines()
+    assert lines[0] == "| method | Δ vs DSC | Δ vs best report row (DACS) |"
+    cells = {line.split(" | ")[0].lstrip("| "): line.strip("| ").split(" | ")[1:] for line in lines[2:]}
+    # DACS − DSC per seed: +3, −1, +4 points; mean 2.0, std sqrt(((1)^2 + (3)^2 + (2)^2) / 2) = 2.65
+    assert cells["DACS"] == ["+2.0 ± 2.6 (+3.0, -1.0, +4.0; 2/3 above)", "—"]
+    assert cells["DSC"] == ["—", "-2.0 ± 2.6 (-3.0, +1.0, -4.0; 1/3 above)"]
+    assert cells["One seed"] == ["—", "—"]  # another number of seeds cannot be paired
+
+
+def test_the_best_report_row_is_the_report_row_with_the_highest_mean():
+    scores = {"Source only": [_scores(0.10)], "DSC": [_scores(0.20), _scores(0.20)],
+              "DSC + MPL course (teacher)": [_scores(0.25), _scores(0.19)],  # mean 0.22
+              "DACS + DSC": [_scores(0.40), _scores(0.40)]}                   # not a report row
+    assert best_report_row(scores) == "DSC + MPL course (teacher)"
+    assert paired_references(scores) == [("Source only", "Source only"), ("DSC", "DSC"),
+                                         ("best report row (DSC + MPL course (teacher))", "DSC + MPL course (teacher)")]
+    deltas = paired_summary(scores, paired_references(scores))
+    assert deltas["DACS + DSC"]["DSC + MPL course (teacher)"] == pytest.approx([0.15, 0.21])
+    assert deltas["DSC"]["Source only"] is None  # one seed against two
 
 
 def test_a_rerun_stage_replaces_its_folder_and_only_its_folder(tmp_path, monkeypatch):
