@@ -5,8 +5,9 @@ scratch); then, each fine-tuning the source-only model for as long: the control 
 continued), adversarial FCD and DSC; pseudo labels from the DSC model and DSC + PL; DSC + MPL with
 each feedback rule (pham, course); and the self-training rows of uda/ (DACS, DACS + DSC, FDA + DSC,
 entropy + DSC, DACS + DSC + RCS; --methods picks rows, default the report's plus DACS + DSC). Then it
-scores every method on target val and writes table1.md, table2.md, miou_curves.png, qualitative.png
-and results.json into --output-dir. Each stage is the normal script with its own command line
+scores every method on target val and writes table1.md, deltas.md (every row against source only,
+the control, DSC, DSC + PL and the best report row, paired by seed), table2.md, miou_curves.png,
+qualitative.png and results.json into --output-dir. Each stage is the normal script with its own command line
 (printed), so any row can be rerun alone.
 
 Examples:
@@ -35,8 +36,10 @@ from dataset.transforms import eval_transform
 from engine.optim import OPTIMIZERS
 from reporting.pipeline import (BASELINE, DEFAULT_METHODS, METHOD_CHOICES, METHODS, STAGE_BY_KEY, STAGE_KEYS, Settings,
                                 run_stage, selected_stage_keys, total_iterations)
-from reporting.report import plot_miou_curves, plot_qualitative, table1_markdown
-from reporting.scoring import complexity_markdown, curves, results_summary, score_methods
+from reporting.scheduler import default_jobs, run_stages_in_parallel, threads_per_job
+from reporting.report import paired_deltas_markdown, plot_miou_curves, plot_qualitative, table1_markdown
+from reporting.scoring import (complexity_markdown, curves, paired_references, paired_summary, results_summary,
+                               score_methods)
 from utils.distributed import resolve_device
 from utils.logger import git_commit, write_json, write_text
 
@@ -81,6 +84,10 @@ def get_args(argv=None):
                         help="rare-class sampling temperature of the DACS + DSC + RCS row")
     parser.add_argument("--workers", type=non_negative_int, default=defaults.workers, help="DataLoader workers")
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument("--jobs", type=positive_int, default=None,
+                        help="stages run at once, each a process with its share of the cores and its log in "
+                             "<seed dir>/logs (default: 2 on a CPU with 2 or more cores, 1 on a GPU; 1 runs them "
+                             "one after another in this process)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
     return parser.parse_args(argv)
 
@@ -100,6 +107,22 @@ def _data_args(args):
     return resolve_data(data)
 
 
+def _run_stages(seed_dirs, stages, settings, jobs):
+    """Every stage of every seed: side by side in subprocesses (jobs > 1), or one after another in
+    this process. Returns {"seedN/key": seconds}."""
+    if jobs > 1:
+        tasks = [(seed_dir, stage) for seed_dir in seed_dirs for stage in stages]
+        script_files = {name: module.__file__ for name, module in STAGE_SCRIPTS.items()}
+        quiet = dataclasses.replace(settings, progress=False)  # progress bars would only fill the logs
+        return run_stages_in_parallel(tasks, quiet, script_files, jobs, threads_per_job(jobs))
+    timings = {}
+    for seed_dir in seed_dirs:
+        for number, stage in enumerate(stages, start=1):
+            print(f"\n===== seed {seed_dir.name[4:]} · stage {number}/{len(stages)}: {stage.title} =====", flush=True)
+            timings[f"{seed_dir.name}/{stage.key}"] = run_stage(stage, settings, seed_dir, STAGE_SCRIPTS[stage.script])
+    return timings
+
+
 def main(args):
     output_dir = Path(args.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -107,13 +130,10 @@ def main(args):
     settings = _settings(args)
     _data_args(args)  # generates the synthetic benchmark on first use, before any stage starts
     seed_dirs = [output_dir / "runs" / f"seed{seed}" for seed in range(args.seeds)]
-    timings = {}
     started = time.perf_counter()
     stages = [STAGE_BY_KEY[key] for key in selected_stage_keys(args.methods) if key in args.stages]
-    for seed_dir in seed_dirs:
-        for number, stage in enumerate(stages, start=1):
-            print(f"\n===== seed {seed_dir.name[4:]} · stage {number}/{len(stages)}: {stage.title} =====", flush=True)
-            timings[f"{seed_dir.name}/{stage.key}"] = run_stage(stage, settings, seed_dir, STAGE_SCRIPTS[stage.script])
+    jobs = args.jobs or default_jobs(device)
+    timings = _run_stages(seed_dirs, stages, settings, jobs)
 
     print("\n===== scoring every method on target val =====", flush=True)
     data = _data_args(args)
@@ -130,18 +150,22 @@ def main(args):
     write_text(output_dir / "table1.md", table1 + "\n")
     table2 = complexity_markdown()
     write_text(output_dir / "table2.md", table2 + "\n")
+    references = paired_references(scores)
+    deltas = paired_deltas_markdown(rows, references)
+    write_text(output_dir / "deltas.md", deltas + "\n")
     plot_miou_curves([curves(seed_dir, settings) for seed_dir in seed_dirs], output_dir / "miou_curves.png")
     if predictions:
         plot_qualitative(images, labels, predictions, output_dir / "qualitative.png")
     summary = {
         "git_commit": git_commit(), "seeds": list(range(args.seeds)), "device": str(device),
-        "torch": torch.__version__, "settings": vars(settings), "stage_seconds": timings,
+        "torch": torch.__version__, "settings": vars(settings), "jobs": jobs, "stage_seconds": timings,
         "total_seconds": time.perf_counter() - started,
         **results_summary(scores, gap),
+        "paired_deltas": paired_summary(scores, references),
     }
     write_json(output_dir / "results.json", summary)
-    print("\nTable I (target val)\n" + table1 + "\n\nTable II\n" + table2)
-    print(f"\n[experiments] wrote {output_dir}/table1.md, table2.md, miou_curves.png, qualitative.png, results.json "
+    print("\nTable I (target val)\n" + table1 + "\n\nPaired by seed (mIoU points)\n" + deltas + "\n\nTable II\n" + table2)
+    print(f"\n[experiments] wrote {output_dir}/table1.md, deltas.md, table2.md, miou_curves.png, qualitative.png, results.json "
           f"in {summary['total_seconds'] / 60:.1f} min")
     return summary
 
