@@ -122,6 +122,13 @@ def curve_bands(curves_per_seed):
 MARKERS = "osD^v<>ph*"  # one per method, so a method's single point does not hide under another's
 
 
+def curve_colours(plt):
+    """20 distinct colours: matplotlib's tab20, its dark shades first (`--methods all` draws 15
+    rows, more than the default cycle's 10 colours)."""
+    colours = plt.get_cmap("tab20").colors
+    return colours[0::2] + colours[1::2]
+
+
 def plot_miou_curves(curves_per_seed, path, title="target-val mIoU during training"):
     """``curves_per_seed``: [{method: [(iteration, miou), ...]} per seed] -> PNG: the mean over the seeds,
     a band from the lowest to the highest seed, and a title that says how many seeds there are."""
@@ -132,14 +139,16 @@ def plot_miou_curves(curves_per_seed, path, title="target-val mIoU during traini
     from matplotlib.ticker import MaxNLocator
 
     seeds = len(curves_per_seed)
-    figure, axis = plt.subplots(figsize=(7, 4.5), dpi=120)
+    colours = curve_colours(plt)
+    figure, axis = plt.subplots(figsize=(9, 5), dpi=120)
     for index, (method, points) in enumerate(curve_bands(curves_per_seed).items()):
         if not points:
             continue
         iterations, means, lows, highs = zip(*points)
         single = len(points) == 1
         line, = axis.plot(iterations, [100 * v for v in means], marker=MARKERS[index % len(MARKERS)],
-                          markersize=7 if single else 3, fillstyle="none" if single else "full", label=method)
+                          markersize=7 if single else 3, fillstyle="none" if single else "full", label=method,
+                          color=colours[index % len(colours)])
         if seeds > 1:
             axis.fill_between(iterations, [100 * v for v in lows], [100 * v for v in highs], alpha=0.15,
                               color=line.get_color(), linewidth=0)
@@ -149,7 +158,7 @@ def plot_miou_curves(curves_per_seed, path, title="target-val mIoU during traini
     spread = f"mean of {seeds} seeds, band: lowest to highest seed" if seeds > 1 else "one seed (seed 0), no spread"
     axis.set_title(f"{title}\n{spread}", fontsize=10)
     axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
+    axis.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # beside the plot: 15 rows fit
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)

@@ -1,5 +1,6 @@
 """The report's figures: what they show and say (item 10 of issue 15)."""
 import numpy as np
+from matplotlib.colors import to_hex
 import pytest
 
 from dataset.labels import CLASS_NAMES, PALETTE
@@ -38,3 +39,11 @@ def test_qualitative_figure_has_a_class_legend_that_names_black_as_ignore(tmp_pa
     assert [text.get_text() for text in legend.get_texts()] == [name for name, _ in entries]
     assert "black: ignore" in legend.get_title().get_text()
     assert min(axis.title.get_fontsize() for axis in figure.axes) >= 12
+
+
+def test_every_method_of_the_full_table_gets_its_own_colour_and_marker_pair(tmp_path):
+    curves = [{f"method {index}": [(0, 0.1), (index + 1, 0.2)] for index in range(15)}]  # --methods all: 15 rows
+    axis = plot_miou_curves(curves, tmp_path / "all.png").axes[0]
+    styles = [(to_hex(line.get_color()), line.get_marker()) for line in axis.get_lines()]
+    assert len(styles) == 15 and len({colour for colour, _ in styles}) == 15
+    assert [text.get_text() for text in axis.get_legend().get_texts()] == list(curves[0])
