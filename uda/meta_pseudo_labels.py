@@ -213,7 +213,8 @@ class MPLStep:
             view, flipped = augment_view(target_images, self.view_generator(iteration, target_images.device))
             inputs = torch.cat((target_images, view))
         with precision.autocast():
-            outputs = teacher.model(inputs)                                # heads of [B or 2B, K, H, W]
+            # The auxiliary heads only when the rule's pseudo-label CE sums them (course); pham reads main only.
+            outputs = teacher.model(inputs, aux=self.feedback.teacher_target_all_heads)  # heads of [B or 2B, K, H, W]
         heads = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
         main = heads[0].float()
         logits, logits_view = main[:batch], main[batch:]
