@@ -15,18 +15,28 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def _build_interpolation_matrix(in_size, out_size, device, dtype):
+    # Column j is the resize of the unit vector e_j: exactly the weights F.interpolate applies.
+    basis = torch.eye(in_size, device=device, dtype=torch.float32).view(1, in_size, 1, in_size)
+    weights = F.interpolate(basis, size=(1, out_size), mode="bilinear", align_corners=False)
+    return weights.view(in_size, out_size).t().contiguous().to(dtype)
+
+
 @functools.lru_cache(maxsize=128)
 def interpolation_matrix(in_size, out_size, device, dtype):
-    """The (out_size, in_size) matrix of 1-D bilinear resizing (align_corners=False) on ``device``.
-
-    Column ``j`` is the resize of the unit vector ``e_j``: exactly the weights F.interpolate applies.
-    Built outside inference mode and without autograd, so one cached matrix serves every later call
-    (a tensor made under ``torch.inference_mode`` could not be saved for a backward pass).
-    """
+    """The (out_size, in_size) matrix of 1-D bilinear resizing (align_corners=False) on ``device``,
+    built once. Outside inference mode and without autograd, so one cached matrix serves every later
+    call (a tensor made under ``torch.inference_mode`` could not be saved for a backward pass)."""
     with torch.inference_mode(False), torch.no_grad():
-        basis = torch.eye(in_size, device=device, dtype=torch.float32).view(1, in_size, 1, in_size)
-        weights = F.interpolate(basis, size=(1, out_size), mode="bilinear", align_corners=False)
-        return weights.view(in_size, out_size).t().contiguous().to(dtype)
+        return _build_interpolation_matrix(in_size, out_size, device, dtype)
+
+
+def _matrix(in_size, out_size, device, dtype):
+    if in_size == out_size:
+        return None  # the identity: that axis is left as it is
+    if torch.compiler.is_compiling():  # traced into the graph (Dynamo would bypass the cache anyway)
+        return _build_interpolation_matrix(in_size, out_size, device, dtype)
+    return interpolation_matrix(in_size, out_size, device, dtype)
 
 
 def _width_first(in_h, in_w, out_h, out_w):
@@ -41,8 +51,8 @@ def bilinear_matmul(x, size):
     batch, channels, in_h, in_w = x.shape
     out_h, out_w = (int(s) for s in size)
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
-    rows = None if in_h == out_h else interpolation_matrix(in_h, out_h, x.device, dtype)  # (out_h, in_h)
-    cols = None if in_w == out_w else interpolation_matrix(in_w, out_w, x.device, dtype)  # (out_w, in_w)
+    rows = _matrix(in_h, out_h, x.device, dtype)  # (out_h, in_h), or None
+    cols = _matrix(in_w, out_w, x.device, dtype)  # (out_w, in_w), or None
     width_first = _width_first(in_h, in_w, out_h, out_w)
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         y = x.permute(0, 2, 3, 1)                                   # (B, H, W, C), contiguous

@@ -1,17 +1,23 @@
 """The training speed levers of docs/speed.md: the exact ones are bitwise exact (torch.equal on the
 CPU), the others the same function as the reference op within float32 / bfloat16 rounding."""
+import argparse
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cli.builders import prepare_network, resolve_fast_paths
+from cli.options import add_runtime_args
 from dataset.labels import NUM_CLASSES
 from engine.optim import build_optimizer
 from engine.precision import Precision
+from engine.steps import segmentation_loss
 from model import build_bisenet, build_discriminator
-from uda.adversarial import adversarial_step
+from model.resize import BilinearResize, bilinear_matmul, interpolation_matrix
+from uda.adversarial import adversarial_step, build_discriminator_parts
 from uda.entropy import entropy_terms
 from uda.meta_pseudo_labels import Learner, MPLStep, PseudoLabeler
 from uda.mpl_feedback import CourseFeedback, PhamFeedback
@@ -144,3 +150,135 @@ def test_mpl_step_skipping_unread_heads_is_bitwise_exact(rule):
     _assert_equal_dicts(grads0, grads1)
     for part in states0:
         _assert_equal_dicts(states0[part], states1[part])
+
+
+# ------------------------------------------------------------------ levers 2 and 3: other rounding
+def _hand_interpolation_matrix(in_size, out_size):
+    """PyTorch's bilinear rule (align_corners=False, size given) written out in float64: output
+    pixel i reads source coordinate max((i + 0.5) * in / out - 0.5, 0) from its two neighbours,
+    the right one clamped to the border."""
+    matrix = torch.zeros(out_size, in_size, dtype=torch.float64)
+    for i in range(out_size):
+        source = max((i + 0.5) * in_size / out_size - 0.5, 0.0)
+        left = min(int(source), in_size - 1)
+        right = min(left + 1, in_size - 1)
+        weight = source - left
+        matrix[i, left] += 1.0 - weight
+        matrix[i, right] += weight
+    return matrix
+
+
+RESIZES = [(8, 64), (12, 96), (23, 720), (45, 90), (7, 60), (90, 23), (64, 17), (5, 5)]
+
+
+@pytest.mark.parametrize("in_size, out_size", RESIZES)
+def test_interpolation_matrix_is_the_bilinear_rule_and_its_rows_sum_to_one(in_size, out_size):
+    """What both levers rest on: the matrix form uses F.interpolate's coefficients, and each output
+    pixel's weights sum to 1 (borders included), so a 1x1 convolution's bias passes through."""
+    matrix = interpolation_matrix(in_size, out_size, torch.device("cpu"), torch.float32)
+    # PyTorch computes the source coordinate (< in_size) in float32: its weights carry that rounding.
+    coordinate_rounding = 2 * in_size * torch.finfo(torch.float32).eps
+    torch.testing.assert_close(matrix.double(), _hand_interpolation_matrix(in_size, out_size), rtol=0,
+                               atol=coordinate_rounding)
+    torch.testing.assert_close(matrix.double().sum(1), torch.ones(out_size, dtype=torch.float64), rtol=0, atol=1e-6)
+
+
+def _resize_pair(x, size, dtype=None):
+    """(F.interpolate, bilinear_matmul) outputs and input gradients for a fixed random upstream gradient."""
+    upstream = torch.randn(x.shape[0], x.shape[1], *size, generator=torch.Generator().manual_seed(9))
+    results = []
+    for resize in (lambda t: F.interpolate(t, size=size, mode="bilinear", align_corners=False),
+                   lambda t: bilinear_matmul(t, size)):
+        leaf = x.detach().clone().requires_grad_()
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+            output = resize(leaf.to(dtype) if dtype is not None else leaf)
+        (output.float() * upstream).sum().backward()
+        results.append((output, leaf.grad))
+    return results
+
+
+@pytest.mark.parametrize("in_hw, out_hw", [((8, 16), (64, 128)), ((23, 40), (720, 1280)), ((7, 11), (60, 90)),
+                                           ((60, 90), (7, 11)), ((45, 80), (90, 160)), ((16, 16), (16, 40))])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_matmul_resize_equals_interpolate_forward_and_backward(in_hw, out_hw, channels_last):
+    """Up- and down-sampling, odd sizes, one axis unchanged: float32 values and input gradients
+    within float32 rounding; a channels_last input comes back channels_last."""
+    x = torch.randn(2, 5, *in_hw, generator=torch.Generator().manual_seed(1))
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    (reference, reference_grad), (output, grad) = _resize_pair(x, out_hw)
+    torch.testing.assert_close(output, reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, reference_grad, rtol=1e-5, atol=1e-4)
+    assert output.is_contiguous(memory_format=torch.channels_last) == channels_last
+
+
+def test_matmul_resize_in_bfloat16_stays_within_bfloat16_rounding():
+    x = torch.randn(2, 19, 23, 40, generator=torch.Generator().manual_seed(2)).contiguous(
+        memory_format=torch.channels_last)
+    (reference, reference_grad), (output, grad) = _resize_pair(x, (720, 1280), dtype=torch.bfloat16)
+    assert output.dtype == reference.dtype == torch.bfloat16
+    scale = reference.float().abs().max()
+    assert (output.float() - reference.float()).abs().max() <= 2 ** -7 * scale  # bf16: 8 significant bits
+    assert (grad - reference_grad).abs().max() <= 2 ** -7 * reference_grad.abs().max()
+
+
+def _step_gradients(model, x, labels):
+    model.zero_grad(set_to_none=True)
+    outputs = model(x)
+    segmentation_loss(outputs, labels).backward()
+    return outputs[0].detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("levers", [{"classifier_first": True}, {"matmul_resize": True},
+                                    {"classifier_first": True, "matmul_resize": True}])
+@pytest.mark.parametrize("size", [(64, 128), (60, 90)])
+def test_rounding_levers_give_the_same_bisenet_forward_and_backward(levers, size):
+    """The classifier before the upsampling (exact by linearity) and the matrix-product resizing:
+    the main output and every gradient of the three-head loss agree with the current order within
+    float32 rounding, also for an input that is no multiple of 8. The state_dict is untouched."""
+    torch.manual_seed(0)
+    reference_model = build_bisenet("resnet18", NUM_CLASSES).train()
+    with torch.no_grad():
+        reference_model.classifier.bias.uniform_(-1.0, 1.0)  # a bias that must pass through the resize
+    model = copy.deepcopy(reference_model).set_speed_levers(**levers)
+    assert model.state_dict().keys() == reference_model.state_dict().keys()
+    x, labels = torch.randn(2, 3, *size), torch.randint(0, NUM_CLASSES, (2, *size))
+    reference_main, reference_grads = _step_gradients(reference_model, x, labels)
+    main, grads = _step_gradients(model, x, labels)
+    torch.testing.assert_close(main, reference_main, rtol=1e-5, atol=1e-5 * reference_main.abs().max().item())
+    # Measured: relative differences of a few 1e-6. The scale is the largest gradient of the network:
+    # the biases of the convolutions right before a BatchNorm have a true gradient of 0 (rounding noise).
+    scale = max(reference.abs().max().item() for reference in reference_grads.values())
+    for name, reference in reference_grads.items():
+        torch.testing.assert_close(grads[name], reference, rtol=1e-4, atol=1e-5 * scale, msg=name)
+
+
+def test_rounding_levers_are_on_for_cuda_and_off_on_the_cpu_by_default():
+    """--classifier-first / --matmul-resize auto: on for CUDA only, so CPU runs (and the committed CPU
+    results) keep their bits; prepare_network and build_discriminator_parts apply them; a script
+    without the flags (eval, predict) gets neither and records nothing new."""
+    parser = argparse.ArgumentParser()
+    add_runtime_args(parser)
+    benchmark = torch.backends.cudnn.benchmark
+    try:
+        resolved = {kind: resolve_fast_paths(parser.parse_args([]), SimpleNamespace(type=kind))
+                    for kind in ("cpu", "cuda")}
+    finally:
+        torch.backends.cudnn.benchmark = benchmark  # resolve_fast_paths turns it on for CUDA
+    assert (resolved["cpu"].classifier_first, resolved["cpu"].matmul_resize) == ("off", "off")
+    assert (resolved["cuda"].classifier_first, resolved["cuda"].matmul_resize) == ("on", "on")
+    forced = resolve_fast_paths(parser.parse_args(["--classifier-first", "on", "--matmul-resize", "on"]),
+                                torch.device("cpu"))
+    assert (forced.classifier_first, forced.matmul_resize) == ("on", "on")
+    assert not hasattr(resolve_fast_paths(argparse.Namespace(), torch.device("cpu")), "matmul_resize")
+
+    forced.sync_bn = forced.freeze_bn = False
+    network = prepare_network(build_bisenet("resnet18", NUM_CLASSES), forced, torch.device("cpu"))
+    resizes = [layer for layer in network.modules() if isinstance(layer, BilinearResize)]
+    assert network.classifier_first and resizes and all(layer.matmul for layer in resizes)
+    forced.discriminator, forced.optimizer_d, forced.learning_rate_d, forced.momentum = "dsc", "adam", 1e-4, 0.9
+    discriminator, _, _ = build_discriminator_parts(forced, torch.device("cpu"), NUM_CLASSES)
+    assert discriminator.upsample.matmul
+    plain = prepare_network(build_bisenet("resnet18", NUM_CLASSES), resolved["cpu"], torch.device("cpu"))
+    assert not plain.classifier_first and not any(layer.matmul for layer in plain.modules()
+                                                  if isinstance(layer, BilinearResize))
