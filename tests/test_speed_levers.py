@@ -11,7 +11,7 @@ from torch import nn
 
 from cli.builders import prepare_network, resolve_fast_paths
 from cli.options import add_runtime_args
-from dataset.labels import NUM_CLASSES
+from dataset.labels import IGNORE_INDEX, NUM_CLASSES
 from engine.optim import build_optimizer
 from engine.precision import Precision
 from engine.steps import segmentation_loss
@@ -282,3 +282,23 @@ def test_rounding_levers_are_on_for_cuda_and_off_on_the_cpu_by_default():
     plain = prepare_network(build_bisenet("resnet18", NUM_CLASSES), resolved["cpu"], torch.device("cpu"))
     assert not plain.classifier_first and not any(layer.matmul for layer in plain.modules()
                                                   if isinstance(layer, BilinearResize))
+
+
+# ------------------------------------------------------------------ lever 4: MPL without changing the method
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_mpl_labeler_reading_the_shared_softmax_is_bitwise_the_labeler_on_logits(channels_last):
+    """MPL's teacher computes one float32 softmax for its discriminator and its labeler: pseudo labels,
+    threshold histogram and refreshed thresholds are bitwise those of the labeler's own softmax."""
+    torch.manual_seed(0)
+    model = build_bisenet("resnet18", NUM_CLASSES).train()
+    x = torch.randn(2, 3, *SIZE)
+    if channels_last:
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    logits = (3.0 * model(x, aux=False)).float()  # sharper than at initialisation: some pixels pass
+    own, shared = PseudoLabeler(NUM_CLASSES, refresh=1), PseudoLabeler(NUM_CLASSES, refresh=1)
+    for iteration in range(2):
+        labels = own(logits.detach(), iteration)
+        shared_labels = shared(logits.detach(), iteration, F.softmax(logits, dim=1).detach())
+        assert torch.equal(labels, shared_labels)
+        _assert_equal_dicts(own.state_dict(), shared.state_dict())
+    assert (labels != IGNORE_INDEX).any() and own.thresholds.gt(0).any()
