@@ -46,26 +46,27 @@ def _width_first(in_h, in_w, out_h, out_w):
 
 def bilinear_matmul(x, size):
     """``F.interpolate(x, size, mode="bilinear", align_corners=False)`` of a (B, C, H, W) tensor as
-    two matrix products, in the cheaper order. A channels_last input is computed as the (B, H, W, C)
-    array it is and comes back channels_last (the class-last loss of ``engine.steps`` reads it so)."""
+    two matrix products.
+
+    Each product keeps the big operand in one piece (a plain mm, or a bmm over the batch only):
+    torch.matmul of a matrix with a many-batch tensor would first copy the matrix once per batch
+    entry. NCHW: the width as ``x @ A_w^T`` (one mm), the height as ``A_h @ x`` (per image and
+    channel), in the cheaper order. channels_last, computed as the (B, H, W, C) array it is: the
+    width first (one mm over all rows, through a transposed copy of the smaller map), then the
+    height as ``A_h @ (B, H, W'C)``, which writes the output channels_last directly (the class-last
+    loss of ``engine.steps`` reads it so)."""
     batch, channels, in_h, in_w = x.shape
     out_h, out_w = (int(s) for s in size)
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
     rows = _matrix(in_h, out_h, x.device, dtype)  # (out_h, in_h), or None
     cols = _matrix(in_w, out_w, x.device, dtype)  # (out_w, in_w), or None
-    width_first = _width_first(in_h, in_w, out_h, out_w)
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        y = x.permute(0, 2, 3, 1)                                   # (B, H, W, C), contiguous
-
-        def along_height(t):  # (B, h, w, C) -> (B, out_h, w, C)
-            return t if rows is None else torch.matmul(rows, t.reshape(batch, t.shape[1], -1)).view(
-                batch, out_h, t.shape[2], channels)
-
-        def along_width(t):   # (B, h, w, C) -> (B, h, out_w, C)
-            return t if cols is None else torch.matmul(cols, t)
-
-        y = along_height(along_width(y)) if width_first else along_width(along_height(y))
-        return y.permute(0, 3, 1, 2)                                # channels_last (B, C, out_h, out_w)
+    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        y = x.permute(0, 2, 3, 1)                                             # (B, H, W, C), contiguous
+        if cols is not None:
+            y = torch.einsum("vw,bhwc->bhvc", cols, y)                        # (B, H, W', C)
+        if rows is not None:
+            y = torch.matmul(rows, y.reshape(batch, in_h, -1)).view(batch, out_h, out_w, channels)
+        return y.contiguous().permute(0, 3, 1, 2)                             # channels_last (B, C, H', W')
 
     def along_height(t):
         return t if rows is None else torch.matmul(rows, t)
@@ -73,7 +74,9 @@ def bilinear_matmul(x, size):
     def along_width(t):
         return t if cols is None else torch.matmul(t, cols.t())
 
-    return along_height(along_width(x)) if width_first else along_width(along_height(x))
+    if _width_first(in_h, in_w, out_h, out_w):
+        return along_height(along_width(x))
+    return along_width(along_height(x))
 
 
 class BilinearResize(nn.Module):
