@@ -123,8 +123,12 @@ def resolve_fast_paths(args, device):
     channels_last is on for CUDA and the CPU: cuDNN and oneDNN both run their convolutions faster in
     it (the `channels_last` levers of bench/speed.py, bench/results/speed_cpu.md and speed_gpu.md).
     torch.compile only pays on CUDA, where its minutes of compilation buy faster inference.
+    --classifier-first and --matmul-resize (training scripts) change the rounding, so they are on for
+    CUDA only: the CPU runs, and the committed CPU results, stay bit for bit what they were.
     """
-    for flag, devices in (("channels_last", ("cuda", "cpu")), ("compile", ("cuda",))):
+    levers = (("classifier_first", ("cuda",)), ("matmul_resize", ("cuda",)))
+    for flag, devices in (("channels_last", ("cuda", "cpu")), ("compile", ("cuda",)),
+                          *((flag, on) for flag, on in levers if hasattr(args, flag))):
         value = getattr(args, flag, "off")
         if value == "auto":
             value = "on" if device.type in devices else "off"
@@ -135,12 +139,16 @@ def resolve_fast_paths(args, device):
 
 
 def prepare_network(network, args, device):
-    """Move to the device in the chosen memory format; apply --sync-bn / --freeze-bn where given.
+    """Move to the device in the chosen memory format; apply --sync-bn / --freeze-bn and BiSeNet's
+    speed levers (--classifier-first, --matmul-resize) where given.
 
     Call it before building the optimizer and before ``wrap_ddp`` (SyncBatchNorm must be in place
     when DistributedDataParallel wraps the network).
     """
     network = network.to(device)
+    if hasattr(network, "set_speed_levers"):  # a BiSeNet; the flags' defaults where a script has none
+        network.set_speed_levers(classifier_first=getattr(args, "classifier_first", "off") == "on",
+                                 matmul_resize=getattr(args, "matmul_resize", "off") == "on")
     if getattr(args, "channels_last", "off") == "on":
         network = network.to(memory_format=torch.channels_last)
     return configure_batchnorm(network, device, sync_bn=getattr(args, "sync_bn", False),

@@ -165,6 +165,12 @@ def add_runtime_args(parser):
                        help="channels_last memory format (auto: on for CUDA and the CPU)")
     group.add_argument("--compile", default="off", choices=("auto", "on", "off"),
                        help="torch.compile the segmentation network (auto: on for CUDA)")
+    group.add_argument("--classifier-first", default="auto", choices=("auto", "on", "off"),
+                       help="BiSeNet's 1x1 classifier before its x8 upsampling: the same function (bilinear weights "
+                            "sum to 1), other rounding (auto: on for CUDA, off on the CPU; docs/speed.md)")
+    group.add_argument("--matmul-resize", default="auto", choices=("auto", "on", "off"),
+                       help="bilinear resizing (networks and discriminator) as two matrix products: the same "
+                            "function, other rounding (auto: on for CUDA, off on the CPU; docs/speed.md)")
     group.add_argument("--seed", type=int, default=0, help="random seed")
     group.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
     group.add_argument("--sync-bn", action="store_true",

@@ -10,11 +10,11 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
-import torch.nn.functional as F
 import torchvision
 from torch import nn
 
 from dataset.labels import NUM_CLASSES
+from model.resize import BilinearResize, set_matmul_resize
 from utils.checkpoint import CheckpointError, load_checkpoint_file
 
 logger = logging.getLogger(__name__)
@@ -42,19 +42,6 @@ def check_context_path(context_path):
     """Raise ValueError naming the valid choices unless ``context_path`` is one of CONTEXT_PATHS."""
     if context_path not in CONTEXT_PATHS:
         raise ValueError(f"unknown context path {context_path!r}; expected one of {CONTEXT_PATHS}")
-
-
-class BilinearResize(nn.Module):
-    """Bilinear resize (align_corners=False) to a size given at call time.
-
-    A module rather than a bare ``F.interpolate`` so FLOP counters (thop) can see it: the
-    project's complexity table counts bilinear upsampling like ``nn.Upsample`` does.
-    """
-
-    mode = "bilinear"  # read by thop's upsample counter
-
-    def forward(self, x, size):
-        return F.interpolate(x, size=tuple(size), mode=self.mode, align_corners=False)
 
 
 class ConvBNReLU(nn.Sequential):
@@ -153,7 +140,19 @@ def _init_weights(module):
 class BiSeNet(nn.Module):
     """BiSeNet: ``forward`` returns (main, aux16, aux32) logits in training mode, main in eval.
 
-    All outputs are (B, K, H, W) for a (B, 3, H, W) input of any size.
+    All outputs are (B, K, H, W) for a (B, 3, H, W) input of any size. ``forward(x, aux=False)``
+    says the caller reads the main output only: in training mode the auxiliary heads are then
+    skipped and main alone is returned (``engine.steps.main_output`` reads either form).
+
+    Speed levers (plain attributes, not in the state_dict: checkpoints are the same either way;
+    ``set_speed_levers``, docs/speed.md):
+    * ``skip_unread_aux`` (on): honour ``aux=False``. Bitwise exact: the heads are 1x1 convolutions
+      without BatchNorm on features the main path computes anyway, and an output no loss reads
+      adds nothing to any gradient;
+    * ``classifier_first`` (off): the 1x1 classifier on the 1/8 map, then the upsampling. The same
+      function, since bilinear weights sum to 1 per output pixel (``classifier(resize(f)) =
+      W resize(f) + b = resize(W f + b)``), with 64x fewer classifier multiply-adds; other rounding;
+    * matrix-product resizing of every ``BilinearResize`` (off; ``model.resize``): other rounding.
     """
 
     def __init__(self, num_classes=NUM_CLASSES, context_path="resnet18"):
@@ -173,12 +172,24 @@ class BiSeNet(nn.Module):
         self.ffm = FeatureFusionModule(FFM_IN_CHANNELS[context_path], num_classes)
         self.classifier = nn.Conv2d(num_classes, num_classes, kernel_size=1)
         self.resize = BilinearResize()
+        self.skip_unread_aux = True
+        self.classifier_first = False
 
         for child in self.children():
             if child is not self.context_path:  # the trunk keeps torchvision's initialisation
                 child.apply(_init_weights)
 
-    def forward(self, x):
+    def set_speed_levers(self, *, skip_unread_aux=None, classifier_first=None, matmul_resize=None):
+        """Set the levers given (None: unchanged); returns the network."""
+        if skip_unread_aux is not None:
+            self.skip_unread_aux = bool(skip_unread_aux)
+        if classifier_first is not None:
+            self.classifier_first = bool(classifier_first)
+        if matmul_resize is not None:
+            set_matmul_resize(self, matmul_resize)
+        return self
+
+    def forward(self, x, aux=True):
         input_size = x.shape[-2:]
         spatial = self.spatial_path(x)                    # (B, 256, H/8, W/8)
         feat16, feat32, tail = self.context_path(x)       # (B, C16, H/16, W/16), (B, C32, H/32, W/32), (B, C32, 1, 1)
@@ -190,8 +201,11 @@ class BiSeNet(nn.Module):
         fused = self.ffm(spatial, torch.cat((feat16, feat32), dim=1))  # (B, K, H/8, W/8)
         # The course upsamples by a factor 8; resizing to the input size is the same operation
         # (bit for bit) when H and W are multiples of 8, and still gives (H, W) when they are not.
-        main = self.classifier(self.resize(fused, input_size))         # (B, K, H, W)
-        if not self.training:
+        if self.classifier_first:
+            main = self.resize(self.classifier(fused), input_size)     # (B, K, H, W)
+        else:
+            main = self.classifier(self.resize(fused, input_size))     # (B, K, H, W)
+        if not self.training or (not aux and self.skip_unread_aux):
             return main
 
         aux16 = self.resize(self.aux_head16(feat16), input_size)       # (B, K, H, W)

@@ -9,7 +9,7 @@ attribute names (conv1..conv4, classifier) so its state_dicts are interchangeabl
 from torch import nn
 
 from dataset.labels import NUM_CLASSES
-from model.bisenet import BilinearResize
+from model.resize import BilinearResize
 
 KERNEL_SIZE, STRIDE, PADDING = 4, 2, 1  # each layer halves the resolution
 LEAKY_SLOPE = 0.2

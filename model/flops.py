@@ -15,7 +15,8 @@ from collections import namedtuple
 import torch
 
 from dataset.labels import NUM_CLASSES
-from model.bisenet import BilinearResize, BiSeNet
+from model.bisenet import BiSeNet
+from model.resize import BilinearResize
 from model.discriminator import DSCDiscriminator, FCDiscriminator
 
 DEFAULT_HEIGHT, DEFAULT_WIDTH = 512, 1024

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from model import build_discriminator
+from model.resize import set_matmul_resize
 from engine.optim import build_optimizer
 from engine.steps import (check_finite, main_output, segmentation_loss, set_requires_grad, unwrap)
 
@@ -25,6 +26,7 @@ def build_discriminator_parts(args, device, num_classes):
     if args.discriminator == "none":
         return None, None, None
     discriminator = build_discriminator(args.discriminator, num_classes=num_classes).to(device)
+    set_matmul_resize(discriminator, getattr(args, "matmul_resize", "off") == "on")  # its x32 output upsampling
     optimizer = build_optimizer(args.optimizer_d, discriminator.parameters(), args.learning_rate_d,
                                 weight_decay=0.0 if args.optimizer_d != "sgd" else None, momentum=args.momentum)
     return discriminator, optimizer, {"name": args.discriminator, "num_classes": num_classes}
@@ -50,7 +52,8 @@ def adversarial_step(model, discriminator, optimizer, optimizer_d, scaler, scale
 
     Hooks for the self-training methods of ``uda/`` (the engine knows none of them):
     * ``target_terms(target_outputs) -> {name: (weight, loss)}``: more losses on the target forward
-      (e.g. entropy minimisation), added to its backward;
+      (e.g. entropy minimisation), added to its backward. They read its main output
+      (``main_output``): without target labels the auxiliary heads are not computed;
     * ``extra_terms(model) -> (loss, {name: logged value})``: one more forward of its own (e.g. the
       DACS mixed images), run under autocast and backpropagated before the optimizer step.
     """
@@ -74,7 +77,8 @@ def adversarial_step(model, discriminator, optimizer, optimizer_d, scaler, scale
     if discriminator is not None or target_labels is not None or target_terms is not None:
         loss_target = 0.0
         with precision.autocast():
-            target_outputs = model(target_images)
+            # The auxiliary heads only where the pseudo-label loss reads them (BiSeNet's ``aux``).
+            target_outputs = model(target_images, aux=target_labels is not None)
             if discriminator is not None:
                 # One float32 softmax, shared by the adversarial and the discriminator losses.
                 target_probabilities = F.softmax(main_output(target_outputs).float(), dim=1)

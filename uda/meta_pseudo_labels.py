@@ -57,7 +57,8 @@ from utils.distributed import get_rank
 from engine.steps import check_finite, main_output, segmentation_loss, set_requires_grad, unwrap
 from uda.adversarial import SOURCE_DOMAIN, discriminator_step, domain_loss
 from uda.mpl_feedback import mean_over_ranks
-from uda.pseudolabel_stats import MAX_THRESHOLD, ConfidenceHistogram, apply_thresholds, softmax_confidence
+from uda.pseudolabel_stats import (MAX_THRESHOLD, ConfidenceHistogram, apply_thresholds, probability_confidence,
+                                   softmax_confidence)
 from utils.seed import StepGenerator
 
 DEFAULT_REFRESH = 100          # iterations between threshold refreshes
@@ -106,9 +107,10 @@ class PseudoLabeler(nn.Module):
         return self
 
     @torch.no_grad()
-    def forward(self, logits, iteration):
-        """logits [B, K, H, W] -> int64 labels [B, H, W] (``IGNORE_INDEX`` below the threshold)."""
-        pred, conf = softmax_confidence(logits)
+    def forward(self, logits, iteration, probabilities=None):
+        """logits [B, K, H, W] -> int64 labels [B, H, W] (``IGNORE_INDEX`` below the threshold).
+        ``probabilities``: their float32 softmax when the caller has it (the same values: not recomputed)."""
+        pred, conf = softmax_confidence(logits) if probabilities is None else probability_confidence(probabilities)
         if self.histogram is not None:
             self.histogram.update(pred, conf)
             if iteration % self.refresh == 0:
@@ -213,17 +215,20 @@ class MPLStep:
             view, flipped = augment_view(target_images, self.view_generator(iteration, target_images.device))
             inputs = torch.cat((target_images, view))
         with precision.autocast():
-            outputs = teacher.model(inputs)                                # heads of [B or 2B, K, H, W]
+            # The auxiliary heads only when the rule's pseudo-label CE sums them (course); pham reads main only.
+            outputs = teacher.model(inputs, aux=self.feedback.teacher_target_all_heads)  # heads of [B or 2B, K, H, W]
         heads = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
         main = heads[0].float()
         logits, logits_view = main[:batch], main[batch:]
-        pseudo = self.labeler(logits.detach(), iteration)                 # [B, H, W]
+        # One float32 softmax for the discriminator's input and the labeler's confidence.
+        target_probabilities = F.softmax(logits, dim=1) if frozen_discriminator is not None else None
+        pseudo = self.labeler(logits.detach(), iteration,                  # [B, H, W]
+                              None if target_probabilities is None else target_probabilities.detach())
         target_heads = [head[:batch] for head in heads] if self.feedback.teacher_target_all_heads else logits
         terms = {"t_loss_mpl": segmentation_loss(target_heads, pseudo)}
         if self.uda_weight > 0:
             terms["t_loss_uda"] = segmentation_loss(logits_view, flip_where(pseudo, flipped))
         if frozen_discriminator is not None:
-            target_probabilities = F.softmax(logits, dim=1)
             with precision.autocast():
                 terms["t_loss_adv"] = domain_loss(frozen_discriminator, target_probabilities, SOURCE_DOMAIN)
         check_finite(terms)  # before any network is updated

@@ -269,5 +269,11 @@ def softmax_confidence(logits):
 
     Softmax in float32 even under AMP, so the float16 rounding happens once, in quantize_confidence.
     """
-    conf, pred = logits.to(torch.float32).softmax(dim=1).max(dim=1)
+    return probability_confidence(logits.to(torch.float32).softmax(dim=1))
+
+
+def probability_confidence(probabilities):
+    """softmax maps [B, C, ...] -> (pred int64 [B, ...], conf [B, ...]): ``softmax_confidence`` for a
+    caller that has the float32 softmax already (MPL's teacher shares it with its discriminator)."""
+    conf, pred = probabilities.max(dim=1)
     return pred, conf

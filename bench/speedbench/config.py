@@ -26,11 +26,11 @@ INFERENCE_GOALS = {(R18, HALF, 1): 1300, (R18, HALF, 16): 2300, (R18, FULL, 1): 
 AGREEMENT_GOAL = 0.995
 TRAIN_SOURCE, TRAIN_TARGET, TRAIN_BATCH = (720, 1280), (512, 1024), 4
 TRAIN_ANCHORS_MS = {(R18, "dsc"): 74.8, (R18, "fcd"): 73.5, (R101, "dsc"): 138.0}
-TRAIN_GOALS_MS = {(R18, "dsc"): 25.0, (R101, "dsc"): 55.0}
+TRAIN_GOALS_MS = {(R18, "dsc"): 25.0, (R101, "dsc"): 70.0}
 MEMORY_ANCHORS_GIB = {(R18, "dsc"): 3.9, (R101, "dsc"): 9.0}
 PSEUDO_ANCHOR_MS_PER_IMAGE = 6.0
 PSEUDO_GOAL = 1000.0  # images/s
-MPL_GOAL = 2.2
+MPL_GOAL = 2.5  # pham MPL iteration / adversarial iteration, same run
 E2E_GOAL = 1.10  # loader-fed iteration within 10 % of the synthetic-input one
 LUT_GOAL = 10.0
 FLOPS_ANCHORS = {"BiSeNet-R18": 51.3, "BiSeNet-R101": 182.8, "FCD": 30.9, "DSC": 2.1}
@@ -52,7 +52,8 @@ class Profile:
     train_source: tuple
     train_target: tuple
     train_batch: int
-    train_pairs: tuple          # ((context_path, discriminator, "levers" | "pair"), ...)
+    train_pairs: tuple          # ((context_path, discriminator, "levers" | "pair"), ...): every lever, or naive /
+                                # fast paths / ours
     train_compile: tuple        # ((context_path, discriminator, priority), ...)
     train_warmup: int
     train_runs: int
@@ -81,7 +82,7 @@ class Profile:
     flops_size: tuple = HALF
     flops_models: tuple = ("BiSeNet-R18", "BiSeNet-R101", "FCD", "DSC")
     flops_thop: bool = True  # also thop's count (the report's convention) where thop is installed
-    mpl_variants: tuple = ("adversarial", "pham", "course")
+    mpl_variants: tuple = ("adversarial", "pham", "course", "adversarial_fast_paths", "pham_fast_paths")
 
 
 PROFILES = {
@@ -180,30 +181,48 @@ class TrainConfig:
     compile: str = None            # None | "scripts" (torch.compile(model), as maybe_compile) | "static" (dynamic=False)
     discriminator_channels_last: bool = False
     finite_checks: bool = True     # False: engine.steps.check_finite (3 host syncs per step) patched out
+    # The model's speed levers (BiSeNet.set_speed_levers; docs/speed.md), off in the naive baseline.
+    skip_unread_aux: bool = False  # target passes without the auxiliary heads no loss reads (exact)
+    classifier_first: bool = False  # --classifier-first: 1x1 classifier before the x8 upsampling
+    matmul_resize: bool = False    # --matmul-resize: bilinear resizing as two matrix products (+ discriminator)
 
 
 TRAIN_NAIVE_CUDA = TrainConfig("naive", "naive: fp16 autocast + 2 GradScalers, NCHW, for-loop optimizers", "fp16")
-TRAIN_SCRIPTS_CUDA = TrainConfig("ours", "bf16 + channels_last + fused + cudnn.benchmark (scripts' default)",
-                                 "bf16", True, True, "fused")
+CUDA_FAST_PATHS = dict(amp="bf16", channels_last=True, cudnn_benchmark=True, optimizer="fused")
+CUDA_LEVERS = dict(CUDA_FAST_PATHS, skip_unread_aux=True, classifier_first=True, matmul_resize=True)
+TRAIN_FAST_PATHS_CUDA = TrainConfig("fast_paths", "bf16 + channels_last + fused + cudnn.benchmark (the levers below off)",
+                                    **CUDA_FAST_PATHS)
+TRAIN_SCRIPTS_CUDA = TrainConfig("ours", "+ matmul resize (= the scripts' default on CUDA)", **CUDA_LEVERS)
 CUDA_TRAIN_LEVERS = (
     TRAIN_NAIVE_CUDA,
     TrainConfig("cudnn", "+ cudnn.benchmark", "fp16", False, True),
     TrainConfig("foreach", "+ foreach optimizers", "fp16", False, True, "foreach"),
     TrainConfig("bf16", "bf16 instead of fp16 (no loss scaling)", "bf16", False, True, "foreach"),
+    TRAIN_FAST_PATHS_CUDA,
+    # The model's levers, cumulative: each entry adds one to the one before.
+    TrainConfig("skip_aux", "+ target passes skip the unread auxiliary heads", **CUDA_FAST_PATHS, skip_unread_aux=True),
+    TrainConfig("classifier_first", "+ classifier before the x8 upsampling", **CUDA_FAST_PATHS, skip_unread_aux=True,
+                classifier_first=True),
     TRAIN_SCRIPTS_CUDA,
-    TrainConfig("ours_d_cl", "ours + discriminator channels_last", "bf16", True, True, "fused",
-                discriminator_channels_last=True),
-    TrainConfig("ours_foreach", "ours with foreach optimizers instead of fused", "bf16", True, True, "foreach"),
+    TrainConfig("ours_d_cl", "ours + discriminator channels_last", **CUDA_LEVERS, discriminator_channels_last=True),
+    TrainConfig("ours_foreach", "ours with foreach optimizers instead of fused", **dict(CUDA_LEVERS, optimizer="foreach")),
     TrainConfig("ours_no_sync", "ours without the per-step finiteness checks (3 host syncs; bench-only patch)",
-                "bf16", True, True, "fused", finite_checks=False),
+                **CUDA_LEVERS, finite_checks=False),
 )
 TRAIN_NAIVE_CPU = TrainConfig("naive", "naive: fp32, NCHW, for-loop optimizers")
-TRAIN_SCRIPTS_CPU = TrainConfig("ours", "fp32 + channels_last + fused (scripts' default on the CPU)",
-                                channels_last=True, optimizer="fused")
-CPU_TRAIN_LEVERS = (TRAIN_NAIVE_CPU, TRAIN_SCRIPTS_CPU,
-                    TrainConfig("nchw", "ours in NCHW (--channels-last off)", optimizer="fused"),
+CPU_FAST_PATHS = dict(channels_last=True, optimizer="fused")
+TRAIN_FAST_PATHS_CPU = TrainConfig("fast_paths", "fp32 + channels_last + fused (the levers below off)", **CPU_FAST_PATHS)
+TRAIN_SCRIPTS_CPU = TrainConfig("ours", "+ target passes skip the unread auxiliary heads (= the scripts' default on "
+                                "the CPU)", **CPU_FAST_PATHS, skip_unread_aux=True)
+CPU_TRAIN_LEVERS = (TRAIN_NAIVE_CPU, TRAIN_FAST_PATHS_CPU, TRAIN_SCRIPTS_CPU,
+                    # Opt-in on the CPU (they change the rounding of the committed CPU results): cumulative.
+                    TrainConfig("classifier_first", "ours + classifier before the x8 upsampling (opt-in here)",
+                                **CPU_FAST_PATHS, skip_unread_aux=True, classifier_first=True),
+                    TrainConfig("matmul_resize", "+ matmul resize (opt-in here)", **CPU_FAST_PATHS,
+                                skip_unread_aux=True, classifier_first=True, matmul_resize=True),
+                    TrainConfig("nchw", "ours in NCHW (--channels-last off)", optimizer="fused", skip_unread_aux=True),
                     TrainConfig("foreach", "ours with foreach optimizers instead of fused", channels_last=True,
-                                optimizer="foreach"))
+                                optimizer="foreach", skip_unread_aux=True))
 # Compiling a training step (forward + backward, source and target shapes) is slow: R18 took 200 s
 # on the H100 machine (bench/results/speed_gpu_classlast_nll.md), 183 s on 2 CPU cores at toy size.
 TRAIN_COMPILE_COST_S = {R18: 240, R101: 300}
@@ -212,3 +231,8 @@ TRAIN_COMPILE_COST_S = {R18: 240, R101: 300}
 def scripts_train_config(bench):
     """The training settings the scripts use by default on this bench's device."""
     return TRAIN_SCRIPTS_CUDA if bench.cuda else TRAIN_SCRIPTS_CPU
+
+
+def fast_paths_train_config(bench):
+    """The scripts' default settings with the model's speed levers off (before issue 19's levers)."""
+    return TRAIN_FAST_PATHS_CUDA if bench.cuda else TRAIN_FAST_PATHS_CPU

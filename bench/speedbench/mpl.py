@@ -7,17 +7,19 @@ from uda.adversarial import adversarial_step
 from engine.precision import Precision
 
 from .common import Job, bind, cudnn_flags, quantiles, size_text
-from .config import R18, scripts_train_config
+from .config import R18, fast_paths_train_config, scripts_train_config
 from .training import build_training
 
 
 def mpl_step_callable(bench, kind):
-    """One call = one iteration of ``kind`` (adversarial | pham | course) with the scripts' default
-    settings at the training sizes (ImportError when ``uda.meta_pseudo_labels`` cannot be imported)."""
+    """One call = one iteration of ``kind`` (adversarial | pham | course, or adversarial_fast_paths |
+    pham_fast_paths: the model's speed levers off) with the scripts' default settings at the training
+    sizes (ImportError when ``uda.meta_pseudo_labels`` cannot be imported)."""
     from uda.meta_pseudo_labels import Learner, MPLStep, PseudoLabeler
     from uda.mpl_feedback import CourseFeedback, PhamFeedback
 
-    config = scripts_train_config(bench)
+    kind, _, variant = kind.partition("_")
+    config = fast_paths_train_config(bench) if variant == "fast_paths" else scripts_train_config(bench)
     source, labels, target = bench.train_batch()
     precision = Precision(bench.device, config.amp)
 
@@ -38,11 +40,14 @@ def mpl_step_callable(bench, kind):
     return lambda: step(source, labels, target, next(counter))
 
 
-def train_default_settings(bench):
-    p, config = bench.profile, scripts_train_config(bench)
+def train_default_settings(bench, kind="adversarial"):
+    p = bench.profile
+    config = fast_paths_train_config(bench) if kind.endswith("_fast_paths") else scripts_train_config(bench)
     return {"context_path": R18, "discriminator": "dsc", "batch_size": p.train_batch,
             "source_size": size_text(p.train_source), "target_size": size_text(p.train_target),
-            "amp": config.amp, "channels_last": config.channels_last, "optimizers": config.optimizer}
+            "amp": config.amp, "channels_last": config.channels_last, "optimizers": config.optimizer,
+            "skip_unread_aux": config.skip_unread_aux, "classifier_first": config.classifier_first,
+            "matmul_resize": config.matmul_resize}
 
 
 def mpl_jobs(bench, recorder):
@@ -57,12 +62,15 @@ def mpl_jobs(bench, recorder):
         with cudnn_flags(benchmark=config.cudnn_benchmark):
             _, samples = time_callable(call, bench.device, warmup=p.train_warmup, runs=p.mpl_runs)
         result = quantiles(samples)
-        if kind != "adversarial":
-            baseline = recorder.find("mpl", "adversarial")
+        if not kind.startswith("adversarial"):  # against the adversarial step of the same settings
+            baseline = recorder.find("mpl", kind.replace("pham", "adversarial").replace("course", "adversarial"))
             if baseline and baseline.get("median_ms"):
                 result["ratio_to_adversarial"] = result["median_ms"] / baseline["median_ms"]
         return result
 
-    return [Job("mpl", kind, name, bind(measure, kind), settings=train_default_settings(bench), cost_s=10)
+    return [Job("mpl", kind, name, bind(measure, kind), settings=train_default_settings(bench, kind), cost_s=10)
             for kind, name in (("adversarial", "adversarial step (ours)"), ("pham", "MPL step, pham feedback"),
-                               ("course", "MPL step, course feedback")) if kind in p.mpl_variants]
+                               ("course", "MPL step, course feedback"),
+                               ("adversarial_fast_paths", "adversarial step, the model's speed levers off"),
+                               ("pham_fast_paths", "MPL step, pham feedback, the model's speed levers off"))
+            if kind in p.mpl_variants]

@@ -1,6 +1,7 @@
 """Section ``training``: milliseconds per ``uda.adversarial.adversarial_step``, naive against the levers,
 with the peak GPU memory; the loss-curve comparison; the same step fed by the real loaders."""
 import contextlib
+import dataclasses
 import os
 import time
 
@@ -8,6 +9,7 @@ import numpy as np
 import torch
 
 from model import build_bisenet, build_discriminator
+from model.resize import set_matmul_resize
 from uda.adversarial import DEFAULT_LAMBDA_ADV, DEFAULT_LR_D
 from utils.benchmark import time_callable
 from uda.adversarial import adversarial_step
@@ -17,7 +19,8 @@ from engine.precision import Precision
 from .common import (Job, RepeatedDataset, bind, cudnn_flags, make_optimizer, quantiles, release_memory, reset_compiler,
                      size_text, strict_fp32, synchronize)
 from .config import (CPU_TRAIN_LEVERS, CUDA_TRAIN_LEVERS, GIB, R18, TRAIN_COMPILE_COST_S, TRAIN_NAIVE_CPU,
-                     TRAIN_NAIVE_CUDA, TRAIN_SCRIPTS_CPU, TRAIN_SCRIPTS_CUDA, TrainConfig, scripts_train_config)
+                     TRAIN_NAIVE_CUDA, TRAIN_SCRIPTS_CPU, TRAIN_SCRIPTS_CUDA, TrainConfig, fast_paths_train_config,
+                     scripts_train_config)
 
 
 def train_key(context_path, discriminator, config_key):
@@ -32,7 +35,9 @@ def build_training(bench, context_path, discriminator_name, config, seed=0):
     model = build_bisenet(context_path).to(device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    discriminator = build_discriminator(discriminator_name).to(device)
+    model.set_speed_levers(skip_unread_aux=config.skip_unread_aux, classifier_first=config.classifier_first,
+                           matmul_resize=config.matmul_resize)
+    discriminator = set_matmul_resize(build_discriminator(discriminator_name).to(device), config.matmul_resize)
     if config.discriminator_channels_last:
         discriminator = discriminator.to(memory_format=torch.channels_last)
     model.train()
@@ -102,6 +107,8 @@ def _train_settings(bench, context_path, discriminator, config):
             "discriminator_channels_last": config.discriminator_channels_last,
             "cudnn_benchmark": config.cudnn_benchmark, "optimizers": config.optimizer,
             "compile": config.compile or "off", "finite_checks": config.finite_checks,
+            "skip_unread_aux": config.skip_unread_aux, "classifier_first": config.classifier_first,
+            "matmul_resize": config.matmul_resize,
             "step": "uda.adversarial.adversarial_step",
             "input": "fixed synthetic scenes already on the device"}
 
@@ -209,7 +216,9 @@ def training_jobs(bench, recorder):
     naive, scripts = (TRAIN_NAIVE_CUDA, TRAIN_SCRIPTS_CUDA) if bench.cuda else (TRAIN_NAIVE_CPU, TRAIN_SCRIPTS_CPU)
     jobs = []
     for context_path, discriminator, scope in p.train_pairs:
-        configs = levers if scope == "levers" else (naive, scripts)
+        # "levers": each lever in turn (the model's cumulative); "pair": naive, the fast paths without the
+        # model's levers, and ours with them.
+        configs = levers if scope == "levers" else (naive, fast_paths_train_config(bench), scripts)
         for config in configs:
             jobs.append(Job("training", train_key(context_path, discriminator, config.key),
                             f"{context_path}+{discriminator.upper()} | {config.label}",
@@ -229,8 +238,7 @@ def training_jobs(bench, recorder):
     labels = {"scripts": "ours + torch.compile(model) as cli.builders.maybe_compile",
               "static": "ours + torch.compile(model, dynamic=False)"}
     for context_path, discriminator, kind, priority in pairs:
-        config = TrainConfig(f"ours_compile_{kind}", labels[kind], scripts.amp, scripts.channels_last,
-                             scripts.cudnn_benchmark, scripts.optimizer, kind)
+        config = dataclasses.replace(scripts, key=f"ours_compile_{kind}", label=labels[kind], compile=kind)
         jobs.append(Job("training", train_key(context_path, discriminator, config.key),
                         f"{context_path}+{discriminator.upper()} | {config.label}",
                         bind(measure_training, bench, context_path, discriminator, config),
