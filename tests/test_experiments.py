@@ -260,3 +260,17 @@ def test_a_rerun_stage_replaces_its_folder_and_only_its_folder(tmp_path, monkeyp
     run_stage(Stage("fake", "Fake", "fake_stage_script"), Settings(), tmp_path / "seed0", fake)
     assert seen["files"] == ["last.pth", "source_only"]  # the script started without the stale folder
     assert not stale.parent.exists() and neighbour.read_text() == "another stage"
+
+
+def test_committed_self_training_tuning_table_agrees_with_its_results_json():
+    folder = REPO / "results" / "dacs_tuning"
+    runs = json.loads((folder / "results.json").read_text())["runs"]
+    rows = _table_rows(folder / "table.md")
+    assert list(rows) == [run["title"] for run in runs]
+    for run in runs:
+        row = rows[run["title"]]
+        assert row["iterations"] == str(run["max_iters"]) and row["from"] == run["init_from"]
+        assert run["miou"] == pytest.approx(statistics.fmean(v for v in run["iou"].values() if v is not None))
+        for column, value in [("mIoU", run["miou"])] + [(name, run["iou"][name]) for name in
+                                                        ("road", "building", "terrain", "sky", "car")]:
+            assert float(row[column]) == pytest.approx(100 * value, abs=0.051), (run["title"], column)
