@@ -7,6 +7,7 @@ each other must be module-level globals.
 import triton
 import triton.language as tl
 
+
 @triton.jit
 def interpolate(logits_ptr, base, classes, class_mask, r0, r1, rw0, rw1, c0, c1, cw0, cw1,
                 stride_k, stride_h, stride_w, mask):
@@ -24,27 +25,39 @@ def interpolate(logits_ptr, base, classes, class_mask, r0, r1, rw0, rw1, c0, c1,
     return (rw0[:, None] * (cw0[:, None] * v00 + cw1[:, None] * v01)
             + rw1[:, None] * (cw0[:, None] * v10 + cw1[:, None] * v11))
 
+
+@triton.jit
+def taps(first_ptr, second_ptr, first_weight_ptr, second_weight_ptr, index, mask):
+    """One axis of the stencil at output ``index``: its two input indices and their weights."""
+    return (tl.load(first_ptr + index, mask=mask, other=0), tl.load(second_ptr + index, mask=mask, other=0),
+            tl.load(first_weight_ptr + index, mask=mask, other=0.0),
+            tl.load(second_weight_ptr + index, mask=mask, other=0.0))
+
+
+@triton.jit
+def tap_weight(first, second, first_weight, second_weight, index):
+    """The weight of input ``index`` in a stencil (both taps on it at the last pixel: their sum)."""
+    return tl.where(first == index, first_weight, 0.0) + tl.where(second == index, second_weight, 0.0)
+
+
+@triton.jit
+def program_items(items, inner, middle, BLOCK: tl.constexpr):
+    """This program's block of a flattened (batch, middle, inner) range: indices, in-range mask, and
+    the inner, middle and batch coordinates of each."""
+    q = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    return q, q < items, q % inner, (q // inner) % middle, (q // inner // middle).to(tl.int64)
+
+
 @triton.jit
 def forward_kernel(logits_ptr, labels_ptr, lse_ptr, partial_ptr,
                    row0_ptr, row1_ptr, roww0_ptr, roww1_ptr, col0_ptr, col1_ptr, colw0_ptr, colw1_ptr,
                    n_pixels, out_h, out_w, num_classes, stride_b, stride_k, stride_h, stride_w, ignore_index,
                    BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid = tl.program_id(0)
-    pixel = pid * BLOCK_P + tl.arange(0, BLOCK_P)
-    in_range = pixel < n_pixels
-    x = pixel % out_w
-    y = (pixel // out_w) % out_h
-    b = (pixel // out_w // out_h).to(tl.int64)
+    pixel, in_range, x, y, b = program_items(n_pixels, out_w, out_h, BLOCK_P)
     classes = tl.arange(0, BLOCK_K)
     class_mask = classes < num_classes
-    r0 = tl.load(row0_ptr + y, mask=in_range, other=0)
-    r1 = tl.load(row1_ptr + y, mask=in_range, other=0)
-    rw0 = tl.load(roww0_ptr + y, mask=in_range, other=0.0)
-    rw1 = tl.load(roww1_ptr + y, mask=in_range, other=0.0)
-    c0 = tl.load(col0_ptr + x, mask=in_range, other=0)
-    c1 = tl.load(col1_ptr + x, mask=in_range, other=0)
-    cw0 = tl.load(colw0_ptr + x, mask=in_range, other=0.0)
-    cw1 = tl.load(colw1_ptr + x, mask=in_range, other=0.0)
+    r0, r1, rw0, rw1 = taps(row0_ptr, row1_ptr, roww0_ptr, roww1_ptr, y, in_range)
+    c0, c1, cw0, cw1 = taps(col0_ptr, col1_ptr, colw0_ptr, colw1_ptr, x, in_range)
     z = interpolate(logits_ptr, b * stride_b, classes, class_mask, r0, r1, rw0, rw1, c0, c1, cw0, cw1,
                     stride_k, stride_h, stride_w, in_range)
     z = tl.where(class_mask[None, :], z, float("-inf"))
@@ -54,7 +67,8 @@ def forward_kernel(logits_ptr, labels_ptr, lse_ptr, partial_ptr,
     labeled = in_range & (label != ignore_index)
     picked = tl.sum(tl.where(classes[None, :] == label[:, None], z, 0.0), axis=1)
     tl.store(lse_ptr + pixel, lse, mask=in_range)
-    tl.store(partial_ptr + pid, tl.sum(tl.where(labeled, lse - picked, 0.0), axis=0))
+    tl.store(partial_ptr + tl.program_id(0), tl.sum(tl.where(labeled, lse - picked, 0.0), axis=0))
+
 
 @triton.jit
 def column_pass_kernel(logits_ptr, labels_ptr, lse_ptr, partial_grad_ptr,
@@ -65,30 +79,18 @@ def column_pass_kernel(logits_ptr, labels_ptr, lse_ptr, partial_grad_ptr,
     # Backward, first pass: T[b, y, j, :] = sum over the output columns x reading low-resolution
     # column j of wx(x, j) * (softmax - onehot)(b, y, x, :), for every output row y. Float32,
     # [B, out_h, in_w, K] contiguous.
-    pid = tl.program_id(0)
-    q = pid * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    in_range = q < n_items
-    j = q % in_w
-    y = (q // in_w) % out_h
-    b = (q // in_w // out_h).to(tl.int64)
+    q, in_range, j, y, b = program_items(n_items, in_w, out_h, BLOCK_Q)
     classes = tl.arange(0, BLOCK_K)
     class_mask = classes < num_classes
-    r0 = tl.load(row0_ptr + y, mask=in_range, other=0)
-    r1 = tl.load(row1_ptr + y, mask=in_range, other=0)
-    rw0 = tl.load(roww0_ptr + y, mask=in_range, other=0.0)
-    rw1 = tl.load(roww1_ptr + y, mask=in_range, other=0.0)
+    r0, r1, rw0, rw1 = taps(row0_ptr, row1_ptr, roww0_ptr, roww1_ptr, y, in_range)
     col_start = tl.load(col_start_ptr + j, mask=in_range, other=0)
     col_count = tl.load(col_count_ptr + j, mask=in_range, other=0)
     acc = tl.zeros((BLOCK_Q, BLOCK_K), dtype=tl.float32)
     for dx in range(0, max_cols):
         x = col_start + dx
         ok = in_range & (dx < col_count)
-        c0 = tl.load(col0_ptr + x, mask=ok, other=0)
-        c1 = tl.load(col1_ptr + x, mask=ok, other=0)
-        cw0 = tl.load(colw0_ptr + x, mask=ok, other=0.0)
-        cw1 = tl.load(colw1_ptr + x, mask=ok, other=0.0)
-        # Column j's weight in output column x (both taps on it at the last column: their sum).
-        wx = tl.where(c0 == j, cw0, 0.0) + tl.where(c1 == j, cw1, 0.0)
+        c0, c1, cw0, cw1 = taps(col0_ptr, col1_ptr, colw0_ptr, colw1_ptr, x, ok)
+        wx = tap_weight(c0, c1, cw0, cw1, j)  # column j's weight in output column x
         pixel = (b * out_h + y) * out_w + x
         label = tl.load(labels_ptr + pixel, mask=ok, other=ignore_index)
         labeled = ok & (label != ignore_index)
@@ -109,12 +111,7 @@ def row_pass_kernel(partial_grad_ptr, grad_out_ptr, grad_ptr, row0_ptr, row1_ptr
                     BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr):
     # Backward, second pass: grad[b, :, i, j] = grad_out * sum over the output rows y reading
     # low-resolution row i of wy(y, i) * T[b, y, j, :]; written once, in the logits' layout.
-    pid = tl.program_id(0)
-    q = pid * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    in_range = q < n_low
-    j = q % in_w
-    i = (q // in_w) % in_h
-    b = (q // in_w // in_h).to(tl.int64)
+    q, in_range, j, i, b = program_items(n_low, in_w, in_h, BLOCK_Q)
     classes = tl.arange(0, BLOCK_K)
     class_mask = classes < num_classes
     row_start = tl.load(row_start_ptr + i, mask=in_range, other=0)
@@ -123,11 +120,8 @@ def row_pass_kernel(partial_grad_ptr, grad_out_ptr, grad_ptr, row0_ptr, row1_ptr
     for dy in range(0, max_rows):
         y = row_start + dy
         ok = in_range & (dy < row_count)
-        r0 = tl.load(row0_ptr + y, mask=ok, other=0)
-        r1 = tl.load(row1_ptr + y, mask=ok, other=0)
-        rw0 = tl.load(roww0_ptr + y, mask=ok, other=0.0)
-        rw1 = tl.load(roww1_ptr + y, mask=ok, other=0.0)
-        wy = tl.where(ok, tl.where(r0 == i, rw0, 0.0) + tl.where(r1 == i, rw1, 0.0), 0.0)
+        r0, r1, rw0, rw1 = taps(row0_ptr, row1_ptr, roww0_ptr, roww1_ptr, y, ok)
+        wy = tl.where(ok, tap_weight(r0, r1, rw0, rw1, i), 0.0)  # row i's weight in output row y
         source = partial_grad_ptr + (((b * out_h + y) * in_w + j) * num_classes)[:, None] + classes[None, :]
         partial = tl.load(source, mask=ok[:, None] & class_mask[None, :], other=0.0)
         acc += wy[:, None] * partial

@@ -14,8 +14,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.fused_loss import fused_upsampled_cross_entropy, interpreted  # noqa: E402
+from engine.optim import build_optimizer  # noqa: E402
+from engine.precision import Precision  # noqa: E402
 from engine.steps import forward_heads, main_output, segmentation_loss  # noqa: E402
-from model import build_bisenet  # noqa: E402
+from model import build_bisenet, build_discriminator  # noqa: E402
+from uda.adversarial import adversarial_step  # noqa: E402
 
 IGNORE = 255
 
@@ -73,10 +76,49 @@ def run_bisenet_case():
             "main": main_output(outputs).detach(), "main_cached": main_output(outputs) is main_output(outputs)}
 
 
+def adversarial_parts(fused_loss):
+    """A BiSeNet (5 classes) and a DSC with their optimizers; the segmentation optimizer records the
+    gradients it is asked to apply. With ``fused_loss`` the fused loss, else the classifier-first order."""
+    torch.manual_seed(0)
+    model = build_bisenet("resnet18", num_classes=5).train().set_speed_levers(
+        classifier_first=not fused_loss, fused_loss=fused_loss)
+    discriminator = build_discriminator("dsc", num_classes=5).train()
+    optimizer = build_optimizer("sgd", model.parameters(), 1e-2)
+    grads, step = [], optimizer.step
+
+    def recording_step(*args, **kwargs):
+        grads.append({name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None})
+        return step(*args, **kwargs)
+    optimizer.step = recording_step
+    optimizer_d = build_optimizer("adam", discriminator.parameters(), 1e-3, weight_decay=0.0)
+    return model, discriminator, optimizer, optimizer_d, grads
+
+
+def adversarial_batch():
+    generator = torch.Generator().manual_seed(3)
+    source, target = torch.randn(2, 3, 64, 96, generator=generator), torch.randn(2, 3, 48, 80, generator=generator)
+    source_labels = torch.randint(0, 5, (2, 64, 96), generator=generator)
+    target_labels = torch.randint(0, 5, (2, 48, 80), generator=generator)
+    target_labels[:, :, :8] = IGNORE
+    return source, source_labels, target, target_labels
+
+
+def run_adversarial_step(fused_loss):
+    """One uda.adversarial.adversarial_step (source CE, adversarial + pseudo-label terms on the target,
+    discriminator step): its losses and the segmentation gradients it applied."""
+    model, discriminator, optimizer, optimizer_d, grads = adversarial_parts(fused_loss)
+    precision = Precision(torch.device("cpu"), "off")
+    source, source_labels, target, target_labels = adversarial_batch()
+    losses = adversarial_step(model, discriminator, optimizer, optimizer_d, precision.grad_scaler(),
+                              precision.grad_scaler(), precision, source, source_labels, target, target_labels)
+    return {"losses": losses, "grads": grads[0]}
+
+
 def main(path):
     assert os.environ.get("TRITON_INTERPRET") == "1" and interpreted()
     torch.set_num_threads(1)
-    torch.save({"kernels": run_kernel_cases(), "bisenet": run_bisenet_case()}, path)
+    torch.save({"kernels": run_kernel_cases(), "bisenet": run_bisenet_case(),
+                "adversarial": run_adversarial_step(fused_loss=True)}, path)
 
 
 if __name__ == "__main__":

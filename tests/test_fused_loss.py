@@ -110,6 +110,26 @@ def test_bisenet_heads_through_the_fused_loss_match_the_classifier_first_referen
         torch.testing.assert_close(case["grads"][name], grad, rtol=1e-4, atol=1e-5 * scale, msg=name)
 
 
+@pytest.mark.slow
+def test_adversarial_step_with_the_fused_loss_matches_the_classifier_first_step(interpreted, one_thread):
+    # uda.adversarial.adversarial_step with --fused-loss on: the source CE and target pseudo-label CE
+    # through the kernel, the discriminator fed the upsampled main output: the same losses and the
+    # same applied gradients as the step with the classifier-first order and the unfused loss.
+    sys.path.insert(0, str(ROOT / "tests"))
+    try:
+        from fused_loss_cases import run_adversarial_step
+    finally:
+        sys.path.remove(str(ROOT / "tests"))
+    reference, fused = run_adversarial_step(fused_loss=False), interpreted["adversarial"]
+    assert fused["losses"].keys() == reference["losses"].keys() == {"loss_seg", "loss_adv", "loss_pseudo", "loss_d"}
+    for name, value in reference["losses"].items():
+        torch.testing.assert_close(fused["losses"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+    scale = max(grad.abs().max().item() for grad in reference["grads"].values())
+    assert fused["grads"].keys() == reference["grads"].keys()
+    for name, grad in reference["grads"].items():
+        torch.testing.assert_close(fused["grads"][name], grad, rtol=1e-4, atol=1e-5 * scale, msg=name)
+
+
 @pytest.mark.parametrize("in_size,out_size", [(6, 48), (7, 56), (5, 17), (9, 4), (3, 3), (1, 5), (160, 1280)])
 def test_axis_tables_are_interpolates_weights_and_cover_every_reader(in_size, out_size):
     # The two taps and weights per output index rebuild F.interpolate's own 1-D matrix; every output
