@@ -78,8 +78,9 @@ def axis_tables(in_size, out_size, device):
     first = source.floor().long().clamp(max=in_size - 1)
     second = first + (first < in_size - 1).long()
     lam = (source - first.float()).clamp(0.0, 1.0)
-    reads = (first.view(1, -1) == torch.arange(in_size).view(-1, 1)) | (second.view(1, -1) == torch.arange(in_size).view(-1, 1))
-    count = reads.sum(dim=1)                                  # (in,) output indices reading each input index
+    inputs = torch.arange(in_size).view(-1, 1)
+    reads = (first.view(1, -1) == inputs) | (second.view(1, -1) == inputs)  # (in, out)
+    count = reads.sum(dim=1)  # output indices reading each input index
     start = torch.where(count > 0, reads.int().argmax(dim=1), torch.zeros_like(count))
     tables = [first, second, 1.0 - lam, lam, start, count]
     dtypes = [torch.int32, torch.int32, torch.float32, torch.float32, torch.int32, torch.int32]

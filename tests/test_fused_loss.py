@@ -3,8 +3,8 @@ ops, F.interpolate(bilinear, align_corners=False) + F.cross_entropy(reduction="s
 
 The Triton kernels run in Triton's CPU interpreter, in a subprocess (tests/fused_loss_cases.py,
 TRITON_INTERPRET=1 set before Triton is imported) that saves its losses and gradients; the
-references are computed here. The subprocess takes about 6 s of CPU (12-15 s wall on the two
-shared cores), hence the slow mark on the tests that read it.
+references are computed here. The subprocess takes about 8 s of CPU (15-20 s wall on two busy
+cores), hence the slow mark on the tests that read it.
 """
 import argparse
 import os
@@ -154,6 +154,7 @@ def _runtime_args(*argv):
 
 
 def test_fused_loss_is_off_by_default_and_on_needs_cuda_and_triton(monkeypatch):
+    # The scripts' refusal (one error line, exit 2, before any work): tests/test_exits.py, "fused loss on the CPU".
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)  # restored after
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert resolve_fast_paths(_runtime_args(), cpu).fused_loss == "off"
@@ -167,16 +168,3 @@ def test_fused_loss_is_off_by_default_and_on_needs_cuda_and_triton(monkeypatch):
     assert resolve_fast_paths(_runtime_args("--fused-loss", "auto"), cuda).fused_loss == "off"
     with pytest.raises(OptionError, match="--fused-loss on: .*Triton"):
         resolve_fast_paths(_runtime_args("--fused-loss", "on"), cuda)
-
-
-def test_training_script_refuses_fused_loss_on_a_cpu_with_one_error_line(tmp_path, tiny_data_root):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env.pop("TRITON_INTERPRET", None)
-    done = subprocess.run([sys.executable, "trainSupervised.py", "--device", "cpu", "--fused-loss", "on",
-                           "--data-root", str(tiny_data_root), "--output-dir", str(tmp_path / "run"),
-                           "--max-iters", "1"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2, done.stderr[-2000:]
-    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "--fused-loss on" in errors[0], done.stderr[-2000:]
-    assert not (tmp_path / "run").exists()  # refused before any work
