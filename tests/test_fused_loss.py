@@ -130,6 +130,44 @@ def test_adversarial_step_with_the_fused_loss_matches_the_classifier_first_step(
         torch.testing.assert_close(fused["grads"][name], grad, rtol=1e-4, atol=1e-5 * scale, msg=name)
 
 
+# Pointer arguments of the kernels: the logits and their gradient in the network's dtype, labels
+# int64, tap indices and ranges int32, everything else float32; the other arguments are int32.
+INDEX_POINTERS = {"labels_ptr": "*i64", "row0_ptr": "*i32", "row1_ptr": "*i32", "col0_ptr": "*i32",
+                  "col1_ptr": "*i32", "row_start_ptr": "*i32", "row_count_ptr": "*i32", "col_start_ptr": "*i32",
+                  "col_count_ptr": "*i32"}
+
+
+def test_kernels_compile_for_a_hopper_gpu_without_one(tmp_path, monkeypatch):
+    # The interpreter runs Python on NumPy and forgives what the compiler refuses (types, constexprs,
+    # tuples returned by helpers): each kernel is compiled here down to an sm_90 cubin (H100/H200),
+    # for bf16 logits (the CUDA default's autocast).
+    dtype = "bf16"
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kernels = fused_loss._kernels()
+    if not hasattr(kernels.forward_kernel, "arg_names"):
+        pytest.skip("the kernels were imported in interpreter mode")
+    blocks = {"BLOCK_P": fused_loss.BLOCK_PIXELS, "BLOCK_Q": fused_loss.BLOCK_ROW_PASS, "BLOCK_K": 32}
+    for kernel in (kernels.forward_kernel, kernels.column_pass_kernel, kernels.row_pass_kernel):
+        names = kernel.arg_names
+        signature = {name: "constexpr" if name in blocks else INDEX_POINTERS.get(name, f"*{dtype}" if name in (
+            "logits_ptr", "grad_ptr") else "*fp32" if name.endswith("_ptr") else "i32") for name in names}
+        source = ASTSource(fn=kernel, signature=signature,
+                           constexprs={(names.index(name),): blocks[name] for name in names if name in blocks})
+        try:
+            compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+        except RuntimeError as error:
+            if "ptxas" in str(error).lower():
+                pytest.skip(f"no ptxas: {error}")
+            raise
+        assert compiled.asm["cubin"], kernel.__name__
+
+
 @pytest.mark.parametrize("in_size,out_size", [(6, 48), (7, 56), (5, 17), (9, 4), (3, 3), (1, 5), (160, 1280)])
 def test_axis_tables_are_interpolates_weights_and_cover_every_reader(in_size, out_size):
     # The two taps and weights per output index rebuild F.interpolate's own 1-D matrix; every output
