@@ -33,11 +33,13 @@ import torch
 
 from dataset.labels import IGNORE_INDEX
 
-# Items per program on a GPU (not tuned yet: no device measured them). Tiles are [items, K padded to
-# a power of two], float32.
-BLOCK_PIXELS = 128       # forward: output pixels
-BLOCK_COLUMN_PASS = 64   # backward, first pass: (output row, low-resolution column) pairs
-BLOCK_ROW_PASS = 64      # backward, second pass: low-resolution pixels
+# Items per program on a GPU; tiles are [items, K padded to a power of two], float32. Not timed (no
+# device yet): chosen so that ptxas (sm_90, 4 warps, K = 19, bf16 logits) neither spills nor needs
+# more than 128 registers a thread (measured: 80, 126 and 123; twice these blocks: 158, 255 with
+# spills, 207).
+BLOCK_PIXELS = 32        # forward: output pixels
+BLOCK_COLUMN_PASS = 16   # backward, first pass: (output row, low-resolution column) pairs
+BLOCK_ROW_PASS = 32      # backward, second pass: low-resolution pixels
 INTERPRETER_BLOCK = 4096
 
 

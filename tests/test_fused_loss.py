@@ -152,8 +152,10 @@ def test_kernels_compile_for_a_hopper_gpu_without_one(tmp_path, monkeypatch):
     kernels = fused_loss._kernels()
     if not hasattr(kernels.forward_kernel, "arg_names"):
         pytest.skip("the kernels were imported in interpreter mode")
-    blocks = {"BLOCK_P": fused_loss.BLOCK_PIXELS, "BLOCK_Q": fused_loss.BLOCK_ROW_PASS, "BLOCK_K": 32}
-    for kernel in (kernels.forward_kernel, kernels.column_pass_kernel, kernels.row_pass_kernel):
+    for kernel, blocks in ((kernels.forward_kernel, {"BLOCK_P": fused_loss.BLOCK_PIXELS}),
+                           (kernels.column_pass_kernel, {"BLOCK_Q": fused_loss.BLOCK_COLUMN_PASS}),
+                           (kernels.row_pass_kernel, {"BLOCK_Q": fused_loss.BLOCK_ROW_PASS})):
+        blocks["BLOCK_K"] = 32  # 19 classes
         names = kernel.arg_names
         signature = {name: "constexpr" if name in blocks else INDEX_POINTERS.get(name, f"*{dtype}" if name in (
             "logits_ptr", "grad_ptr") else "*fp32" if name.endswith("_ptr") else "i32") for name in names}
