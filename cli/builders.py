@@ -19,6 +19,7 @@ from model import build_bisenet, load_bisenet
 from model.discriminator import MIN_INPUT_SIDE, STRIDED_LAYERS
 from engine.optim import build_optimizer
 from engine.data import BatchStream, eval_loader
+from engine.fused_loss import fused_loss_unavailable
 from utils.distributed import configure_batchnorm
 from utils.errors import OptionError
 
@@ -125,8 +126,16 @@ def resolve_fast_paths(args, device):
     torch.compile only pays on CUDA, where its minutes of compilation buy faster inference.
     --classifier-first and --matmul-resize (training scripts) change the rounding, so they are on for
     CUDA only: the CPU runs, and the committed CPU results, stay bit for bit what they were.
+    --fused-loss (off by default: never run on a GPU yet) needs CUDA and Triton: ``on`` without them
+    is an OptionError, before any work.
     """
     levers = (("classifier_first", ("cuda",)), ("matmul_resize", ("cuda",)))
+    if hasattr(args, "fused_loss"):
+        # Its Triton kernels need CUDA and Triton: auto takes it where both are; on refuses to run without.
+        unavailable = fused_loss_unavailable(device) if args.fused_loss != "off" else None
+        if unavailable and args.fused_loss == "on":
+            raise OptionError(f"--fused-loss on: {unavailable}; use --fused-loss off (or auto)")
+        args.fused_loss = "off" if unavailable or args.fused_loss == "off" else "on"
     for flag, devices in (("channels_last", ("cuda", "cpu")), ("compile", ("cuda",)),
                           *((flag, on) for flag, on in levers if hasattr(args, flag))):
         value = getattr(args, flag, "off")
@@ -140,7 +149,7 @@ def resolve_fast_paths(args, device):
 
 def prepare_network(network, args, device):
     """Move to the device in the chosen memory format; apply --sync-bn / --freeze-bn and BiSeNet's
-    speed levers (--classifier-first, --matmul-resize) where given.
+    speed levers (--classifier-first, --matmul-resize, --fused-loss) where given.
 
     Call it before building the optimizer and before ``wrap_ddp`` (SyncBatchNorm must be in place
     when DistributedDataParallel wraps the network).
@@ -148,7 +157,8 @@ def prepare_network(network, args, device):
     network = network.to(device)
     if hasattr(network, "set_speed_levers"):  # a BiSeNet; the flags' defaults where a script has none
         network.set_speed_levers(classifier_first=getattr(args, "classifier_first", "off") == "on",
-                                 matmul_resize=getattr(args, "matmul_resize", "off") == "on")
+                                 matmul_resize=getattr(args, "matmul_resize", "off") == "on",
+                                 fused_loss=getattr(args, "fused_loss", "off") == "on")
     if getattr(args, "channels_last", "off") == "on":
         network = network.to(memory_format=torch.channels_last)
     return configure_batchnorm(network, device, sync_bn=getattr(args, "sync_bn", False),

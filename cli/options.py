@@ -171,6 +171,11 @@ def add_runtime_args(parser):
     group.add_argument("--matmul-resize", default="auto", choices=("auto", "on", "off"),
                        help="bilinear resizing (networks and discriminator) as two matrix products: the same "
                             "function, other rounding (auto: on for CUDA, off on the CPU; docs/speed.md)")
+    group.add_argument("--fused-loss", default="off", choices=("auto", "on", "off"),
+                       help="segmentation losses as one Triton kernel (bilinear upsampling + log-softmax + NLL of "
+                            "each head's low-resolution logits, gathering backward): the same function in float32, "
+                            "other rounding; CUDA and Triton only. Never run on a GPU yet, hence off by default "
+                            "(auto: on for CUDA with Triton; docs/speed.md)")
     group.add_argument("--seed", type=int, default=0, help="random seed")
     group.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
     group.add_argument("--sync-bn", action="store_true",

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from dataset.labels import IGNORE_INDEX
+from engine.fused_loss import fused_upsampled_cross_entropy
+from model.resize import LowResLogits
 
 
 class NonFiniteLossError(RuntimeError):
@@ -26,9 +28,19 @@ def unwrap(module):
     return getattr(module, "module", module)
 
 
+def forward_heads(model, images, **kwargs):
+    """``model(images, **kwargs)`` for the losses below: with a network's fused loss on
+    (``BiSeNet.fused_loss``, --fused-loss), its heads before their last upsampling (``LowResLogits``)."""
+    if getattr(unwrap(model), "fused_loss", False):
+        kwargs["low_res"] = True
+    return model(images, **kwargs)
+
+
 def main_output(outputs):
-    """The main prediction of a BiSeNet output (a tuple in training mode, a tensor in eval)."""
-    return outputs[0] if isinstance(outputs, (tuple, list)) else outputs
+    """The main prediction of a BiSeNet output (a tuple in training mode, a tensor in eval), as a
+    full-resolution tensor (``LowResLogits`` upsampled, once)."""
+    main = outputs[0] if isinstance(outputs, (tuple, list)) else outputs
+    return main.full() if isinstance(main, LowResLogits) else main
 
 
 def summed_cross_entropy(logits, labels):
@@ -43,7 +55,14 @@ def summed_cross_entropy(logits, labels):
     single-block reduction that took 19 ms of a 77-ms step on the H100 (bench/results/
     speed_gpu_classlast_nll.md). Either way the function is the same; only the order of the
     floating-point sums differs.
+
+    ``LowResLogits`` go to the fused upsample + cross-entropy kernel (``engine.fused_loss``): the
+    full-resolution logits are never made.
     """
+    if isinstance(logits, LowResLogits):
+        if tuple(labels.shape[-2:]) != logits.size:
+            raise ValueError(f"labels of size {tuple(labels.shape[-2:])} for logits upsampled to {logits.size}")
+        return fused_upsampled_cross_entropy(logits.logits, labels, IGNORE_INDEX)
     if logits.dim() == 4 and not logits.is_contiguous() and logits.is_contiguous(memory_format=torch.channels_last):
         log_probs = F.log_softmax(logits.permute(0, 2, 3, 1).float(), dim=-1)  # contiguous [B, H, W, K]
         unlabeled = labels == IGNORE_INDEX
@@ -104,7 +123,7 @@ def supervised_step(model, optimizer, scaler, precision, images, labels):
     """One step of labeled training (upper bound, source-only without target branch)."""
     optimizer.zero_grad(set_to_none=True)
     with precision.autocast():
-        loss = segmentation_loss(model(images), labels)
+        loss = segmentation_loss(forward_heads(model, images), labels)
     check_finite({"seg": loss})
     scaler.scale(loss).backward()
     scaler.step(optimizer)

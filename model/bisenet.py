@@ -14,7 +14,7 @@ import torchvision
 from torch import nn
 
 from dataset.labels import NUM_CLASSES
-from model.resize import BilinearResize, set_matmul_resize
+from model.resize import BilinearResize, LowResLogits, set_matmul_resize
 from utils.checkpoint import CheckpointError, load_checkpoint_file
 
 logger = logging.getLogger(__name__)
@@ -152,7 +152,14 @@ class BiSeNet(nn.Module):
     * ``classifier_first`` (off): the 1x1 classifier on the 1/8 map, then the upsampling. The same
       function, since bilinear weights sum to 1 per output pixel (``classifier(resize(f)) =
       W resize(f) + b = resize(W f + b)``), with 64x fewer classifier multiply-adds; other rounding;
-    * matrix-product resizing of every ``BilinearResize`` (off; ``model.resize``): other rounding.
+    * matrix-product resizing of every ``BilinearResize`` (off; ``model.resize``): other rounding;
+    * ``fused_loss`` (off): the training steps of ``engine.steps`` call ``forward(x, low_res=True)``
+      and read the heads' logits before their last upsampling (``LowResLogits``), which the fused
+      upsample + cross-entropy kernel of ``engine.fused_loss`` takes. The main head is then the
+      classifier-first order (the only one with low-resolution logits).
+
+    ``forward(x, low_res=True)`` in training mode returns ``LowResLogits`` in place of tensors
+    (``LowResLogits.full()`` is the tensor); in eval mode it returns the usual tensor.
     """
 
     def __init__(self, num_classes=NUM_CLASSES, context_path="resnet18"):
@@ -174,13 +181,16 @@ class BiSeNet(nn.Module):
         self.resize = BilinearResize()
         self.skip_unread_aux = True
         self.classifier_first = False
+        self.fused_loss = False
 
         for child in self.children():
             if child is not self.context_path:  # the trunk keeps torchvision's initialisation
                 child.apply(_init_weights)
 
-    def set_speed_levers(self, *, skip_unread_aux=None, classifier_first=None, matmul_resize=None):
+    def set_speed_levers(self, *, skip_unread_aux=None, classifier_first=None, matmul_resize=None, fused_loss=None):
         """Set the levers given (None: unchanged); returns the network."""
+        if fused_loss is not None:
+            self.fused_loss = bool(fused_loss)
         if skip_unread_aux is not None:
             self.skip_unread_aux = bool(skip_unread_aux)
         if classifier_first is not None:
@@ -189,8 +199,9 @@ class BiSeNet(nn.Module):
             set_matmul_resize(self, matmul_resize)
         return self
 
-    def forward(self, x, aux=True):
+    def forward(self, x, aux=True, low_res=False):
         input_size = x.shape[-2:]
+        low_res = low_res and self.training
         spatial = self.spatial_path(x)                    # (B, 256, H/8, W/8)
         feat16, feat32, tail = self.context_path(x)       # (B, C16, H/16, W/16), (B, C32, H/32, W/32), (B, C32, 1, 1)
         feat16 = self.arm16(feat16)
@@ -201,13 +212,18 @@ class BiSeNet(nn.Module):
         fused = self.ffm(spatial, torch.cat((feat16, feat32), dim=1))  # (B, K, H/8, W/8)
         # The course upsamples by a factor 8; resizing to the input size is the same operation
         # (bit for bit) when H and W are multiples of 8, and still gives (H, W) when they are not.
-        if self.classifier_first:
+        if low_res:
+            main = LowResLogits(self.classifier(fused), input_size, self.resize)  # (B, K, H/8, W/8), to (H, W)
+        elif self.classifier_first:
             main = self.resize(self.classifier(fused), input_size)     # (B, K, H, W)
         else:
             main = self.classifier(self.resize(fused, input_size))     # (B, K, H, W)
         if not self.training or (not aux and self.skip_unread_aux):
             return main
 
+        if low_res:
+            return (main, LowResLogits(self.aux_head16(feat16), input_size, self.resize),
+                    LowResLogits(self.aux_head32(feat32), input_size, self.resize))
         aux16 = self.resize(self.aux_head16(feat16), input_size)       # (B, K, H, W)
         aux32 = self.resize(self.aux_head32(feat32), input_size)       # (B, K, H, W)
         return main, aux16, aux32

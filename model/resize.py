@@ -8,6 +8,7 @@ same function with another order of the floating-point sums; its backward is two
 are ``F.interpolate``'s own weights, read off by resizing an identity, so both forms agree on every
 coefficient; they are built once per (in, out, device, dtype) and cached.
 """
+import dataclasses
 import functools
 
 import torch
@@ -106,3 +107,33 @@ def set_matmul_resize(module, enabled):
         if isinstance(layer, BilinearResize):
             layer.matmul = bool(enabled)
     return module
+
+
+@dataclasses.dataclass(eq=False)
+class LowResLogits:
+    """A head's logits before their final bilinear upsampling to ``size`` (BiSeNet ``forward(x,
+    low_res=True)``, for the fused loss of ``engine.fused_loss``). ``full()`` upsamples them with the
+    network's own resize (the output the network would have returned), once: the discriminator and
+    any other reader of the full-resolution map get exactly that.
+
+    A dataclass registered as a pytree node, so DistributedDataParallel (which looks for the
+    output's tensors to find the parameters a loss used) and torch.compile see the logits inside."""
+
+    logits: torch.Tensor
+    size: tuple
+    resize: nn.Module
+    _full: torch.Tensor = dataclasses.field(default=None, repr=False)
+
+    def __post_init__(self):
+        self.size = tuple(int(s) for s in self.size)
+
+    def full(self):
+        if self._full is None:
+            self._full = self.resize(self.logits, self.size)
+        return self._full
+
+
+torch.utils._pytree.register_pytree_node(
+    LowResLogits, lambda item: ([item.logits], (item.size, item.resize)),
+    lambda children, context: LowResLogits(children[0], *context),
+    serialized_type_name="model.resize.LowResLogits")

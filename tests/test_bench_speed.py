@@ -120,7 +120,7 @@ def test_trace_counts_each_device_microsecond_once(speed):
     assert busy_cpu == 40.0 + 15.0 + 3.0 and [name for name, _ in tables_cpu] == ["operator"]
 
 
-LEVER_FIELDS = ("skip_unread_aux", "classifier_first", "matmul_resize")
+LEVER_FIELDS = ("skip_unread_aux", "classifier_first", "matmul_resize", "fused_loss")
 
 
 def _levers(config):
@@ -130,16 +130,16 @@ def _levers(config):
 def test_training_levers_are_measured_one_by_one_from_the_naive_baseline():
     """The CUDA training entries add the model's speed levers one at a time (cumulative) after the fast
     paths, ending at the scripts' CUDA default; the naive baseline has none. The CPU default is what
-    --classifier-first/--matmul-resize auto give there (off) with the exact skip on. build_training
-    applies the levers to the network and the discriminator."""
+    --classifier-first/--matmul-resize auto give there (off) with the exact skip on. The opt-in fused
+    loss follows ours on CUDA. build_training applies the levers to the network and the discriminator."""
     import dataclasses
     from types import SimpleNamespace
 
-    from bench.speedbench.config import (CUDA_TRAIN_LEVERS, TRAIN_FAST_PATHS_CUDA, TRAIN_NAIVE_CPU, TRAIN_NAIVE_CUDA,
-                                         TRAIN_SCRIPTS_CPU, TRAIN_SCRIPTS_CUDA)
+    from bench.speedbench.config import (CPU_TRAIN_LEVERS, CUDA_TRAIN_LEVERS, TRAIN_FAST_PATHS_CUDA, TRAIN_NAIVE_CPU,
+                                         TRAIN_NAIVE_CUDA, TRAIN_SCRIPTS_CPU, TRAIN_SCRIPTS_CUDA)
     from bench.speedbench.training import build_training
 
-    assert _levers(TRAIN_NAIVE_CUDA) == _levers(TRAIN_NAIVE_CPU) == (False, False, False)
+    assert _levers(TRAIN_NAIVE_CUDA) == _levers(TRAIN_NAIVE_CPU) == (False, False, False, False)
     keys = [config.key for config in CUDA_TRAIN_LEVERS]
     chain = CUDA_TRAIN_LEVERS[keys.index("fast_paths"):keys.index("ours") + 1]
     assert chain[0] is TRAIN_FAST_PATHS_CUDA and chain[-1] is TRAIN_SCRIPTS_CUDA
@@ -147,12 +147,21 @@ def test_training_levers_are_measured_one_by_one_from_the_naive_baseline():
         added = [a and not b for a, b in zip(_levers(after), _levers(before))]
         assert sum(added) == 1 and all(a >= b for a, b in zip(_levers(after), _levers(before))), after.key
         assert (after.amp, after.channels_last, after.optimizer) == (before.amp, before.channels_last, before.optimizer)
-    assert _levers(TRAIN_SCRIPTS_CUDA) == (True, True, True)
-    assert _levers(TRAIN_SCRIPTS_CPU) == (True, False, False)
+    assert _levers(TRAIN_SCRIPTS_CUDA) == (True, True, True, False)
+    assert _levers(TRAIN_SCRIPTS_CPU) == (True, False, False, False)
+    # The opt-in fused loss (--fused-loss, off by default) is timed right after ours: ours + that lever alone.
+    fused = CUDA_TRAIN_LEVERS[keys.index("ours") + 1]
+    assert fused.key == "fused_loss" and _levers(fused) == (True, True, True, True)
+    assert dataclasses.replace(fused, key="ours", label=TRAIN_SCRIPTS_CUDA.label, fused_loss=False) == TRAIN_SCRIPTS_CUDA
+    assert not any(config.fused_loss for config in CPU_TRAIN_LEVERS)  # Triton kernels: CUDA only
 
     bench = SimpleNamespace(device=torch.device("cpu"))
     cuda_levers_on_the_cpu = dataclasses.replace(TRAIN_SCRIPTS_CUDA, amp="off")
     _, model, discriminator, *_ = build_training(bench, "resnet18", "dsc", cuda_levers_on_the_cpu)
     assert model.skip_unread_aux and model.classifier_first and model.resize.matmul and discriminator.upsample.matmul
+    assert not model.fused_loss
+    _, model, *_ = build_training(bench, "resnet18", "dsc", dataclasses.replace(fused, amp="off"))
+    assert model.fused_loss
     _, model, discriminator, *_ = build_training(bench, "resnet18", "dsc", TRAIN_NAIVE_CPU)
-    assert not (model.skip_unread_aux or model.classifier_first or model.resize.matmul or discriminator.upsample.matmul)
+    assert not (model.skip_unread_aux or model.classifier_first or model.resize.matmul or discriminator.upsample.matmul
+                or model.fused_loss)

@@ -181,6 +181,8 @@ START_ERRORS = {
                        "--device tpu: expected auto, cpu, cuda or cuda:N"),
     "fp16 on the CPU": (lambda d, t: ["--data-root", d, "--device", "cpu", "--amp", "fp16"],
                         "--amp fp16 needs a CUDA device"),
+    "fused loss on the CPU": (lambda d, t: ["--data-root", d, "--device", "cpu", "--fused-loss", "on"],
+                              "--fused-loss on: its Triton kernels need a CUDA device (got cpu)"),
     "cuda without a GPU": (lambda d, t: ["--data-root", d, "--device", "cuda"],
                            "--device cuda: CUDA is not available on this machine"),
 }

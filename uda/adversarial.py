@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from model import build_discriminator
 from model.resize import set_matmul_resize
 from engine.optim import build_optimizer
-from engine.steps import (check_finite, main_output, segmentation_loss, set_requires_grad, unwrap)
+from engine.steps import (check_finite, forward_heads, main_output, segmentation_loss, set_requires_grad, unwrap)
 
 # Domain labels of the discriminator (AdaptSegNet convention).
 SOURCE_DOMAIN = 0.0
@@ -66,7 +66,7 @@ def adversarial_step(model, discriminator, optimizer, optimizer_d, scaler, scale
     # Forward and backward one domain at a time: the source graph is freed before the target one
     # is built, and DistributedDataParallel sees matched forward/backward pairs.
     with precision.autocast():
-        source_outputs = model(source_images)
+        source_outputs = forward_heads(model, source_images)
         loss_seg = segmentation_loss(source_outputs, source_labels)
     losses = {"loss_seg": loss_seg}
     check_finite(losses)
@@ -78,7 +78,7 @@ def adversarial_step(model, discriminator, optimizer, optimizer_d, scaler, scale
         loss_target = 0.0
         with precision.autocast():
             # The auxiliary heads only where the pseudo-label loss reads them (BiSeNet's ``aux``).
-            target_outputs = model(target_images, aux=target_labels is not None)
+            target_outputs = forward_heads(model, target_images, aux=target_labels is not None)
             if discriminator is not None:
                 # One float32 softmax, shared by the adversarial and the discriminator losses.
                 target_probabilities = F.softmax(main_output(target_outputs).float(), dim=1)

@@ -185,6 +185,7 @@ class TrainConfig:
     skip_unread_aux: bool = False  # target passes without the auxiliary heads no loss reads (exact)
     classifier_first: bool = False  # --classifier-first: 1x1 classifier before the x8 upsampling
     matmul_resize: bool = False    # --matmul-resize: bilinear resizing as two matrix products (+ discriminator)
+    fused_loss: bool = False       # --fused-loss: Triton upsample + log-softmax + NLL of the low-res heads (CUDA)
 
 
 TRAIN_NAIVE_CUDA = TrainConfig("naive", "naive: fp16 autocast + 2 GradScalers, NCHW, for-loop optimizers", "fp16")
@@ -204,6 +205,9 @@ CUDA_TRAIN_LEVERS = (
     TrainConfig("classifier_first", "+ classifier before the x8 upsampling", **CUDA_FAST_PATHS, skip_unread_aux=True,
                 classifier_first=True),
     TRAIN_SCRIPTS_CUDA,
+    # Opt-in (--fused-loss, off by default until it has run on a GPU): ours + the fused loss kernel.
+    TrainConfig("fused_loss", "ours + fused upsample/log-softmax/NLL (Triton, --fused-loss on)", **CUDA_LEVERS,
+                fused_loss=True),
     TrainConfig("ours_d_cl", "ours + discriminator channels_last", **CUDA_LEVERS, discriminator_channels_last=True),
     TrainConfig("ours_foreach", "ours with foreach optimizers instead of fused", **dict(CUDA_LEVERS, optimizer="foreach")),
     TrainConfig("ours_no_sync", "ours without the per-step finiteness checks (3 host syncs; bench-only patch)",

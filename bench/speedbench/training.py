@@ -36,7 +36,7 @@ def build_training(bench, context_path, discriminator_name, config, seed=0):
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.set_speed_levers(skip_unread_aux=config.skip_unread_aux, classifier_first=config.classifier_first,
-                           matmul_resize=config.matmul_resize)
+                           matmul_resize=config.matmul_resize, fused_loss=config.fused_loss)
     discriminator = set_matmul_resize(build_discriminator(discriminator_name).to(device), config.matmul_resize)
     if config.discriminator_channels_last:
         discriminator = discriminator.to(memory_format=torch.channels_last)
@@ -108,7 +108,7 @@ def _train_settings(bench, context_path, discriminator, config):
             "cudnn_benchmark": config.cudnn_benchmark, "optimizers": config.optimizer,
             "compile": config.compile or "off", "finite_checks": config.finite_checks,
             "skip_unread_aux": config.skip_unread_aux, "classifier_first": config.classifier_first,
-            "matmul_resize": config.matmul_resize,
+            "matmul_resize": config.matmul_resize, "fused_loss": config.fused_loss,
             "step": "uda.adversarial.adversarial_step",
             "input": "fixed synthetic scenes already on the device"}
 

@@ -1,0 +1,130 @@
+"""The Triton kernels of ``engine.fused_loss`` (read its docstring first).
+
+A module of its own, imported on first use: ``triton.jit`` decides at import whether the kernels
+run compiled or in Triton's CPU interpreter (TRITON_INTERPRET=1, the tests), and kernels calling
+each other must be module-level globals.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def interpolate(logits_ptr, base, classes, class_mask, r0, r1, rw0, rw1, c0, c1, cw0, cw1,
+                stride_k, stride_h, stride_w, mask):
+    # F.interpolate's sum: h0 * (w0 * v00 + w1 * v01) + h1 * (w0 * v10 + w1 * v11), in float32.
+    m = mask[:, None] & class_mask[None, :]
+    k = classes[None, :] * stride_k
+    p00 = logits_ptr + (base + r0 * stride_h + c0 * stride_w)[:, None] + k
+    p01 = logits_ptr + (base + r0 * stride_h + c1 * stride_w)[:, None] + k
+    p10 = logits_ptr + (base + r1 * stride_h + c0 * stride_w)[:, None] + k
+    p11 = logits_ptr + (base + r1 * stride_h + c1 * stride_w)[:, None] + k
+    v00 = tl.load(p00, mask=m, other=0.0).to(tl.float32)
+    v01 = tl.load(p01, mask=m, other=0.0).to(tl.float32)
+    v10 = tl.load(p10, mask=m, other=0.0).to(tl.float32)
+    v11 = tl.load(p11, mask=m, other=0.0).to(tl.float32)
+    return (rw0[:, None] * (cw0[:, None] * v00 + cw1[:, None] * v01)
+            + rw1[:, None] * (cw0[:, None] * v10 + cw1[:, None] * v11))
+
+
+@triton.jit
+def taps(first_ptr, second_ptr, first_weight_ptr, second_weight_ptr, index, mask):
+    """One axis of the stencil at output ``index``: its two input indices and their weights."""
+    return (tl.load(first_ptr + index, mask=mask, other=0), tl.load(second_ptr + index, mask=mask, other=0),
+            tl.load(first_weight_ptr + index, mask=mask, other=0.0),
+            tl.load(second_weight_ptr + index, mask=mask, other=0.0))
+
+
+@triton.jit
+def tap_weight(first, second, first_weight, second_weight, index):
+    """The weight of input ``index`` in a stencil (both taps on it at the last pixel: their sum)."""
+    return tl.where(first == index, first_weight, 0.0) + tl.where(second == index, second_weight, 0.0)
+
+
+@triton.jit
+def program_items(items, inner, middle, BLOCK: tl.constexpr):
+    """This program's block of a flattened (batch, middle, inner) range: indices, in-range mask, and
+    the inner, middle and batch coordinates of each."""
+    q = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    return q, q < items, q % inner, (q // inner) % middle, (q // inner // middle).to(tl.int64)
+
+
+@triton.jit
+def forward_kernel(logits_ptr, labels_ptr, lse_ptr, partial_ptr,
+                   row0_ptr, row1_ptr, roww0_ptr, roww1_ptr, col0_ptr, col1_ptr, colw0_ptr, colw1_ptr,
+                   n_pixels, out_h, out_w, num_classes, stride_b, stride_k, stride_h, stride_w, ignore_index,
+                   BLOCK_P: tl.constexpr, BLOCK_K: tl.constexpr):
+    pixel, in_range, x, y, b = program_items(n_pixels, out_w, out_h, BLOCK_P)
+    classes = tl.arange(0, BLOCK_K)
+    class_mask = classes < num_classes
+    r0, r1, rw0, rw1 = taps(row0_ptr, row1_ptr, roww0_ptr, roww1_ptr, y, in_range)
+    c0, c1, cw0, cw1 = taps(col0_ptr, col1_ptr, colw0_ptr, colw1_ptr, x, in_range)
+    z = interpolate(logits_ptr, b * stride_b, classes, class_mask, r0, r1, rw0, rw1, c0, c1, cw0, cw1,
+                    stride_k, stride_h, stride_w, in_range)
+    z = tl.where(class_mask[None, :], z, float("-inf"))
+    peak = tl.max(z, axis=1)
+    lse = peak + tl.log(tl.sum(tl.exp(z - peak[:, None]), axis=1))
+    label = tl.load(labels_ptr + pixel, mask=in_range, other=ignore_index)
+    labeled = in_range & (label != ignore_index)
+    picked = tl.sum(tl.where(classes[None, :] == label[:, None], z, 0.0), axis=1)
+    tl.store(lse_ptr + pixel, lse, mask=in_range)
+    tl.store(partial_ptr + tl.program_id(0), tl.sum(tl.where(labeled, lse - picked, 0.0), axis=0))
+
+
+@triton.jit
+def column_pass_kernel(logits_ptr, labels_ptr, lse_ptr, partial_grad_ptr,
+                       row0_ptr, row1_ptr, roww0_ptr, roww1_ptr,
+                       col0_ptr, col1_ptr, colw0_ptr, colw1_ptr, col_start_ptr, col_count_ptr,
+                       n_items, in_w, out_h, out_w, num_classes, stride_b, stride_k, stride_h, stride_w,
+                       ignore_index, max_cols, BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr):
+    # Backward, first pass: T[b, y, j, :] = sum over the output columns x reading low-resolution
+    # column j of wx(x, j) * (softmax - onehot)(b, y, x, :), for every output row y. Float32,
+    # [B, out_h, in_w, K] contiguous.
+    q, in_range, j, y, b = program_items(n_items, in_w, out_h, BLOCK_Q)
+    classes = tl.arange(0, BLOCK_K)
+    class_mask = classes < num_classes
+    r0, r1, rw0, rw1 = taps(row0_ptr, row1_ptr, roww0_ptr, roww1_ptr, y, in_range)
+    col_start = tl.load(col_start_ptr + j, mask=in_range, other=0)
+    col_count = tl.load(col_count_ptr + j, mask=in_range, other=0)
+    acc = tl.zeros((BLOCK_Q, BLOCK_K), dtype=tl.float32)
+    for dx in range(0, max_cols):
+        x = col_start + dx
+        ok = in_range & (dx < col_count)
+        c0, c1, cw0, cw1 = taps(col0_ptr, col1_ptr, colw0_ptr, colw1_ptr, x, ok)
+        wx = tap_weight(c0, c1, cw0, cw1, j)  # column j's weight in output column x
+        pixel = (b * out_h + y) * out_w + x
+        label = tl.load(labels_ptr + pixel, mask=ok, other=ignore_index)
+        labeled = ok & (label != ignore_index)
+        lse = tl.load(lse_ptr + pixel, mask=labeled, other=0.0)
+        z = interpolate(logits_ptr, b * stride_b, classes, class_mask, r0, r1, rw0, rw1, c0, c1, cw0, cw1,
+                        stride_k, stride_h, stride_w, labeled)
+        delta = tl.exp(z - lse[:, None]) - tl.where(classes[None, :] == label[:, None], 1.0, 0.0)
+        weight = tl.where(labeled, wx, 0.0)
+        acc += tl.where(class_mask[None, :], weight[:, None] * delta, 0.0)
+    target = partial_grad_ptr + (q.to(tl.int64) * num_classes)[:, None] + classes[None, :]
+    tl.store(target, acc, mask=in_range[:, None] & class_mask[None, :])
+
+
+@triton.jit
+def row_pass_kernel(partial_grad_ptr, grad_out_ptr, grad_ptr, row0_ptr, row1_ptr, roww0_ptr, roww1_ptr,
+                    row_start_ptr, row_count_ptr, n_low, in_h, in_w, out_h, num_classes,
+                    gstride_b, gstride_k, gstride_h, gstride_w, max_rows,
+                    BLOCK_Q: tl.constexpr, BLOCK_K: tl.constexpr):
+    # Backward, second pass: grad[b, :, i, j] = grad_out * sum over the output rows y reading
+    # low-resolution row i of wy(y, i) * T[b, y, j, :]; written once, in the logits' layout.
+    q, in_range, j, i, b = program_items(n_low, in_w, in_h, BLOCK_Q)
+    classes = tl.arange(0, BLOCK_K)
+    class_mask = classes < num_classes
+    row_start = tl.load(row_start_ptr + i, mask=in_range, other=0)
+    row_count = tl.load(row_count_ptr + i, mask=in_range, other=0)
+    acc = tl.zeros((BLOCK_Q, BLOCK_K), dtype=tl.float32)
+    for dy in range(0, max_rows):
+        y = row_start + dy
+        ok = in_range & (dy < row_count)
+        r0, r1, rw0, rw1 = taps(row0_ptr, row1_ptr, roww0_ptr, roww1_ptr, y, ok)
+        wy = tl.where(ok, tap_weight(r0, r1, rw0, rw1, i), 0.0)  # row i's weight in output row y
+        source = partial_grad_ptr + (((b * out_h + y) * in_w + j) * num_classes)[:, None] + classes[None, :]
+        partial = tl.load(source, mask=ok[:, None] & class_mask[None, :], other=0.0)
+        acc += wy[:, None] * partial
+    acc = acc * tl.load(grad_out_ptr)
+    target = grad_ptr + (b * gstride_b + i * gstride_h + j * gstride_w)[:, None] + classes[None, :] * gstride_k
+    tl.store(target, acc.to(grad_ptr.dtype.element_ty), mask=in_range[:, None] & class_mask[None, :])

@@ -1,0 +1,125 @@
+"""Runs the fused loss kernels in Triton's CPU interpreter and saves what they computed.
+
+tests/test_fused_loss.py runs this file in a subprocess with TRITON_INTERPRET=1 (``triton.jit``
+reads it when the kernels' module is imported, so it must be set before the first import) and
+compares the saved losses and gradients with references it computes itself from F.interpolate and
+F.cross_entropy. Usage: python tests/fused_loss_cases.py OUT.pt
+"""
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine.fused_loss import fused_upsampled_cross_entropy, interpreted  # noqa: E402
+from engine.optim import build_optimizer  # noqa: E402
+from engine.precision import Precision  # noqa: E402
+from engine.steps import forward_heads, main_output, segmentation_loss  # noqa: E402
+from model import build_bisenet, build_discriminator  # noqa: E402
+from uda.adversarial import adversarial_step  # noqa: E402
+
+IGNORE = 255
+
+# name: (batch, classes, low (h, w), output (H, W), dtype, channels_last, ignored share, upstream gradient)
+CASES = {
+    "fp32": (2, 5, (6, 7), (48, 56), torch.float32, False, 0.2, 1.0),
+    "fp32_channels_last": (2, 5, (6, 7), (48, 56), torch.float32, True, 0.2, 1.0),
+    "bf16_channels_last": (2, 5, (6, 7), (48, 56), torch.bfloat16, True, 0.2, 1.0),
+    "odd_sizes": (1, 3, (5, 3), (17, 11), torch.float32, False, 0.3, 0.37),
+    "mixed_axes": (2, 4, (5, 9), (12, 4), torch.float32, True, 0.1, 1.0),   # x2.4 rows, x0.44 columns
+    "nineteen_classes": (1, 19, (3, 4), (24, 32), torch.float32, True, 0.0, 1.0),
+    "all_ignored": (2, 5, (6, 7), (48, 56), torch.float32, False, 1.0, 1.0),
+}
+
+
+def make_case(seed, batch, classes, low, out, dtype, channels_last, ignored):
+    generator = torch.Generator().manual_seed(seed)
+    logits = (3 * torch.randn(batch, classes, *low, generator=generator)).to(dtype)
+    if channels_last:
+        logits = logits.contiguous(memory_format=torch.channels_last)
+    labels = torch.randint(0, classes, (batch, *out), generator=generator)
+    labels[torch.rand(batch, *out, generator=generator) < ignored] = IGNORE
+    return logits, labels
+
+
+def run_kernel_cases():
+    results = {}
+    for seed, (name, (batch, classes, low, out, dtype, channels_last, ignored, upstream)) in enumerate(CASES.items()):
+        logits, labels = make_case(seed, batch, classes, low, out, dtype, channels_last, ignored)
+        leaf = logits.clone().requires_grad_()
+        loss = fused_upsampled_cross_entropy(leaf, labels)
+        (loss * upstream).backward()
+        again = logits.clone().requires_grad_()
+        (fused_upsampled_cross_entropy(again, labels) * upstream).backward()
+        results[name] = {"logits": logits, "labels": labels, "upstream": upstream, "loss": loss.detach(),
+                         "grad": leaf.grad, "grad_again": again.grad}
+    return results
+
+
+def run_bisenet_case():
+    """BiSeNet's three heads through forward_heads + segmentation_loss with the fused loss on."""
+    torch.manual_seed(0)
+    model = build_bisenet("resnet18", num_classes=5).train()
+    state = {name: value.clone() for name, value in model.state_dict().items()}
+    generator = torch.Generator().manual_seed(7)
+    images = torch.randn(2, 3, 64, 96, generator=generator)
+    labels = torch.randint(0, 5, (2, 64, 96), generator=generator)
+    labels[:, :4] = IGNORE
+    model.set_speed_levers(fused_loss=True)
+    outputs = forward_heads(model, images)
+    loss = segmentation_loss(outputs, labels)
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return {"state": state, "images": images, "labels": labels, "loss": loss.detach(), "grads": grads,
+            "main": main_output(outputs).detach(), "main_cached": main_output(outputs) is main_output(outputs)}
+
+
+def adversarial_parts(fused_loss):
+    """A BiSeNet (5 classes) and a DSC with their optimizers; the segmentation optimizer records the
+    gradients it is asked to apply. With ``fused_loss`` the fused loss, else the classifier-first order."""
+    torch.manual_seed(0)
+    model = build_bisenet("resnet18", num_classes=5).train().set_speed_levers(
+        classifier_first=not fused_loss, fused_loss=fused_loss)
+    discriminator = build_discriminator("dsc", num_classes=5).train()
+    optimizer = build_optimizer("sgd", model.parameters(), 1e-2)
+    grads, step = [], optimizer.step
+
+    def recording_step(*args, **kwargs):
+        grads.append({name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None})
+        return step(*args, **kwargs)
+    optimizer.step = recording_step
+    optimizer_d = build_optimizer("adam", discriminator.parameters(), 1e-3, weight_decay=0.0)
+    return model, discriminator, optimizer, optimizer_d, grads
+
+
+def adversarial_batch():
+    generator = torch.Generator().manual_seed(3)
+    source, target = torch.randn(2, 3, 64, 96, generator=generator), torch.randn(2, 3, 48, 80, generator=generator)
+    source_labels = torch.randint(0, 5, (2, 64, 96), generator=generator)
+    target_labels = torch.randint(0, 5, (2, 48, 80), generator=generator)
+    target_labels[:, :, :8] = IGNORE
+    return source, source_labels, target, target_labels
+
+
+def run_adversarial_step(fused_loss):
+    """One uda.adversarial.adversarial_step (source CE, adversarial + pseudo-label terms on the target,
+    discriminator step): its losses and the segmentation gradients it applied."""
+    model, discriminator, optimizer, optimizer_d, grads = adversarial_parts(fused_loss)
+    precision = Precision(torch.device("cpu"), "off")
+    source, source_labels, target, target_labels = adversarial_batch()
+    losses = adversarial_step(model, discriminator, optimizer, optimizer_d, precision.grad_scaler(),
+                              precision.grad_scaler(), precision, source, source_labels, target, target_labels)
+    return {"losses": losses, "grads": grads[0]}
+
+
+def main(path):
+    assert os.environ.get("TRITON_INTERPRET") == "1" and interpreted()
+    torch.set_num_threads(1)
+    torch.save({"kernels": run_kernel_cases(), "bisenet": run_bisenet_case(),
+                "adversarial": run_adversarial_step(fused_loss=True)}, path)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,210 @@
+"""The fused upsample + log-softmax + NLL of engine.fused_loss (--fused-loss) against the reference
+ops, F.interpolate(bilinear, align_corners=False) + F.cross_entropy(reduction="sum", ignore 255).
+
+The Triton kernels run in Triton's CPU interpreter, in a subprocess (tests/fused_loss_cases.py,
+TRITON_INTERPRET=1 set before Triton is imported) that saves its losses and gradients; the
+references are computed here. The subprocess takes about 8 s of CPU (15-20 s wall on two busy
+cores), hence the slow mark on the tests that read it.
+"""
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cli.builders import resolve_fast_paths
+from cli.options import add_runtime_args
+from engine import fused_loss
+from engine.fused_loss import axis_tables
+from engine.steps import segmentation_loss
+from model import build_bisenet
+from model.resize import interpolation_matrix
+from utils.errors import OptionError
+
+ROOT = Path(__file__).resolve().parents[1]
+IGNORE = 255
+
+
+@pytest.fixture(scope="module")
+def interpreted(tmp_path_factory):
+    """What tests/fused_loss_cases.py computed with the kernels in Triton's interpreter."""
+    pytest.importorskip("triton")
+    out = tmp_path_factory.mktemp("fused_loss") / "cases.pt"
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, str(ROOT / "tests" / "fused_loss_cases.py"), str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return torch.load(out, weights_only=False)
+
+
+def _reference(logits, labels, upstream=1.0):
+    """Loss and gradient by the reference ops, in float32 (the fused kernel reads any dtype as float32)."""
+    leaf = logits.detach().float().requires_grad_()
+    upsampled = F.interpolate(leaf, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+    loss = F.cross_entropy(upsampled, labels, ignore_index=IGNORE, reduction="sum")
+    (loss * upstream).backward()
+    return loss.detach(), leaf.grad
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["fp32", "fp32_channels_last", "odd_sizes", "mixed_axes", "nineteen_classes"])
+def test_float32_loss_and_gradient_match_interpolate_and_cross_entropy(interpreted, name):
+    # Contiguous and channels_last logits, x8 upsampling, non-integer and mixed up/down scales,
+    # 19 classes (padded to 32 lanes), an upstream gradient other than 1: same value and gradient
+    # as the reference up to float32 rounding of sums in another order.
+    case = interpreted["kernels"][name]
+    loss, grad = _reference(case["logits"], case["labels"], case["upstream"])
+    assert case["loss"].dtype == torch.float32
+    assert torch.allclose(case["loss"], loss, rtol=2e-6, atol=1e-5), (case["loss"], loss)
+    assert case["grad"].dtype == case["logits"].dtype
+    assert torch.allclose(case["grad"], grad, rtol=1e-5, atol=2e-5 * grad.abs().max().item())
+    # The gradient keeps the logits' layout, and the two gathers give it bit for bit again.
+    assert case["grad"].stride() == case["logits"].stride()
+    assert torch.equal(case["grad"], case["grad_again"])
+
+
+@pytest.mark.slow
+def test_bfloat16_logits_are_read_in_float32(interpreted):
+    # bf16 logits: the loss is the float32 loss of those (exactly representable) values, tightly;
+    # the bf16 gradient is the float32 one within bf16 rounding (8 bits of mantissa).
+    case = interpreted["kernels"]["bf16_channels_last"]
+    loss, grad = _reference(case["logits"], case["labels"])
+    assert torch.allclose(case["loss"], loss, rtol=2e-6, atol=1e-5)
+    assert case["grad"].dtype == torch.bfloat16 and case["grad"].is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(case["grad"].float(), grad, rtol=2 ** -7, atol=2e-5 * grad.abs().max().item())
+
+
+@pytest.mark.slow
+def test_all_ignored_labels_give_zero_loss_and_zero_gradient(interpreted):
+    case = interpreted["kernels"]["all_ignored"]
+    assert (case["labels"] == IGNORE).all()
+    assert case["loss"].item() == 0.0
+    assert torch.count_nonzero(case["grad"]) == 0
+
+
+@pytest.mark.slow
+def test_bisenet_heads_through_the_fused_loss_match_the_classifier_first_reference(interpreted, one_thread):
+    # forward_heads + segmentation_loss with BiSeNet.fused_loss on against the same network with the
+    # classifier-first order and the unfused loss: same loss, same parameter gradients; the main
+    # output handed to the discriminator is the classifier-first output itself, upsampled once.
+    case = interpreted["bisenet"]  # computed on one thread: the reference too (oneDNN's sums follow the threads)
+    model = build_bisenet("resnet18", num_classes=5).train()
+    model.load_state_dict(case["state"])
+    model.set_speed_levers(classifier_first=True)
+    outputs = model(case["images"])
+    loss = segmentation_loss(outputs, case["labels"])
+    loss.backward()
+    assert torch.allclose(case["loss"], loss.detach(), rtol=1e-5)
+    main = outputs[0].detach()
+    torch.testing.assert_close(case["main"], main, rtol=1e-5, atol=1e-5 * main.abs().max().item())
+    assert case["main_cached"]
+    grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    assert grads.keys() == case["grads"].keys()
+    # As tests/test_speed_levers.py: relative to the network's largest gradient (measured: <= 1.4e-6).
+    scale = max(grad.abs().max().item() for grad in grads.values())
+    for name, grad in grads.items():
+        torch.testing.assert_close(case["grads"][name], grad, rtol=1e-4, atol=1e-5 * scale, msg=name)
+
+
+@pytest.mark.slow
+def test_adversarial_step_with_the_fused_loss_matches_the_classifier_first_step(interpreted, one_thread):
+    # uda.adversarial.adversarial_step with --fused-loss on: the source CE and target pseudo-label CE
+    # through the kernel, the discriminator fed the upsampled main output: the same losses and the
+    # same applied gradients as the step with the classifier-first order and the unfused loss.
+    sys.path.insert(0, str(ROOT / "tests"))
+    try:
+        from fused_loss_cases import run_adversarial_step
+    finally:
+        sys.path.remove(str(ROOT / "tests"))
+    reference, fused = run_adversarial_step(fused_loss=False), interpreted["adversarial"]
+    assert fused["losses"].keys() == reference["losses"].keys() == {"loss_seg", "loss_adv", "loss_pseudo", "loss_d"}
+    for name, value in reference["losses"].items():
+        torch.testing.assert_close(fused["losses"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+    scale = max(grad.abs().max().item() for grad in reference["grads"].values())
+    assert fused["grads"].keys() == reference["grads"].keys()
+    for name, grad in reference["grads"].items():
+        torch.testing.assert_close(fused["grads"][name], grad, rtol=1e-4, atol=1e-5 * scale, msg=name)
+
+
+# Pointer arguments of the kernels: the logits and their gradient in the network's dtype, labels
+# int64, tap indices and ranges int32, everything else float32; the other arguments are int32.
+INDEX_POINTERS = {"labels_ptr": "*i64", "row0_ptr": "*i32", "row1_ptr": "*i32", "col0_ptr": "*i32",
+                  "col1_ptr": "*i32", "row_start_ptr": "*i32", "row_count_ptr": "*i32", "col_start_ptr": "*i32",
+                  "col_count_ptr": "*i32"}
+
+
+def test_kernels_compile_for_a_hopper_gpu_without_one(tmp_path, monkeypatch):
+    # The interpreter runs Python on NumPy and forgives what the compiler refuses (types, constexprs,
+    # tuples returned by helpers): each kernel is compiled here down to an sm_90 cubin (H100/H200),
+    # for bf16 logits (the CUDA default's autocast).
+    dtype = "bf16"
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    kernels = fused_loss._kernels()
+    if not hasattr(kernels.forward_kernel, "arg_names"):
+        pytest.skip("the kernels were imported in interpreter mode")
+    for kernel, blocks in ((kernels.forward_kernel, {"BLOCK_P": fused_loss.BLOCK_PIXELS}),
+                           (kernels.column_pass_kernel, {"BLOCK_Q": fused_loss.BLOCK_COLUMN_PASS}),
+                           (kernels.row_pass_kernel, {"BLOCK_Q": fused_loss.BLOCK_ROW_PASS})):
+        blocks["BLOCK_K"] = 32  # 19 classes
+        names = kernel.arg_names
+        signature = {name: "constexpr" if name in blocks else INDEX_POINTERS.get(name, f"*{dtype}" if name in (
+            "logits_ptr", "grad_ptr") else "*fp32" if name.endswith("_ptr") else "i32") for name in names}
+        source = ASTSource(fn=kernel, signature=signature,
+                           constexprs={(names.index(name),): blocks[name] for name in names if name in blocks})
+        try:
+            compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+        except RuntimeError as error:
+            if "ptxas" in str(error).lower():
+                pytest.skip(f"no ptxas: {error}")
+            raise
+        assert compiled.asm["cubin"], kernel.__name__
+
+
+@pytest.mark.parametrize("in_size,out_size", [(6, 48), (7, 56), (5, 17), (9, 4), (3, 3), (1, 5), (160, 1280)])
+def test_axis_tables_are_interpolates_weights_and_cover_every_reader(in_size, out_size):
+    # The two taps and weights per output index rebuild F.interpolate's own 1-D matrix; every output
+    # index with a nonzero weight on input index i lies in i's gather range [start, start + count).
+    first, second, w0, w1, start, count, max_count = axis_tables(in_size, out_size, torch.device("cpu"))
+    rebuilt = torch.zeros(out_size, in_size)
+    rows = torch.arange(out_size)
+    rebuilt.index_put_((rows, first.long()), w0, accumulate=True)
+    rebuilt.index_put_((rows, second.long()), w1, accumulate=True)
+    assert torch.allclose(rebuilt, interpolation_matrix(in_size, out_size, torch.device("cpu"), torch.float32),
+                          atol=1e-6)
+    for i in range(in_size):
+        readers = torch.nonzero(rebuilt[:, i]).flatten()
+        assert ((readers >= start[i]) & (readers < start[i] + count[i])).all(), i
+    assert max_count == int(count.max())
+
+
+def _runtime_args(*argv):
+    parser = argparse.ArgumentParser()
+    add_runtime_args(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_fused_loss_is_off_by_default_and_on_needs_cuda_and_triton(monkeypatch):
+    # The scripts' refusal (one error line, exit 2, before any work): tests/test_exits.py, "fused loss on the CPU".
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)  # restored after
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_fast_paths(_runtime_args(), cpu).fused_loss == "off"
+    assert resolve_fast_paths(_runtime_args("--fused-loss", "auto"), cpu).fused_loss == "off"
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(OptionError, match="--fused-loss on: .*CUDA"):
+        resolve_fast_paths(_runtime_args("--fused-loss", "on"), cpu)
+    monkeypatch.setattr(fused_loss, "triton_available", lambda: True)
+    assert resolve_fast_paths(_runtime_args("--fused-loss", "auto"), cuda).fused_loss == "on"
+    monkeypatch.setattr(fused_loss, "triton_available", lambda: False)
+    assert resolve_fast_paths(_runtime_args("--fused-loss", "auto"), cuda).fused_loss == "off"
+    with pytest.raises(OptionError, match="--fused-loss on: .*Triton"):
+        resolve_fast_paths(_runtime_args("--fused-loss", "on"), cuda)
