@@ -81,6 +81,30 @@ def reset_compiler():
     torch._dynamo.reset()
 
 
+@contextlib.contextmanager
+def fresh_compile_cache():
+    """An empty Inductor cache folder for the block (a cold compile, whatever this machine compiled
+    before), removed afterwards; the previous folder is restored."""
+    import shutil
+    import tempfile
+
+    from torch._inductor.utils import clear_caches
+
+    from engine.compilation import CACHE_ENV, configure_compile_cache
+
+    previous = os.environ.get(CACHE_ENV)
+    folder = tempfile.mkdtemp(prefix="speedbench-inductor-")
+    try:
+        yield configure_compile_cache(folder)
+    finally:
+        if previous is None:  # torch's own folder again
+            os.environ.pop(CACHE_ENV, None)
+        else:
+            os.environ[CACHE_ENV] = previous
+        clear_caches()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def quantiles(samples_s):
     """Median, p10 and p90 of timing samples, in milliseconds."""
     ordered = sorted(samples_s)
