@@ -32,6 +32,8 @@ import torch
 from utils.errors import OptionError
 
 CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"  # read by Inductor at every cache access
+TRITON_CACHE_ENV = "TRITON_CACHE_DIR"
+_USER_TRITON_CACHE = TRITON_CACHE_ENV in os.environ  # set before any compilation: the user's
 CACHE_OFF = "off"
 CACHE_FLAG = "--compile-cache"
 _TORCH_LOGGERS = ("torch._inductor.codecache",)  # where Inductor and AOTAutograd report unreadable entries
@@ -76,13 +78,22 @@ def _set_caches(enabled):
         setattr(module, name, enabled and _torch_cache_switches[(module.__name__, name)])
 
 
-def _use_folder(folder):
-    """Point Inductor at ``folder`` and forget what it loaded from the previous one."""
-    if os.environ.get(CACHE_ENV) != str(folder):
-        os.environ[CACHE_ENV] = str(folder)
-        from torch._inductor.utils import clear_caches
+def use_cache_folder(folder):
+    """Point Inductor at ``folder`` (None: torch's default) and forget what it loaded from the
+    previous one. Torch fixes ``TRITON_CACHE_DIR`` below the cache folder at its first Triton kernel;
+    unless the user chose it, it follows the new folder."""
+    folder = None if folder is None else str(folder)
+    if os.environ.get(CACHE_ENV) == folder:
+        return
+    if folder is None:
+        os.environ.pop(CACHE_ENV, None)
+    else:
+        os.environ[CACHE_ENV] = folder
+    if not _USER_TRITON_CACHE:
+        os.environ.pop(TRITON_CACHE_ENV, None)
+    from torch._inductor.utils import clear_caches
 
-        clear_caches()
+    clear_caches()
 
 
 def _scratch_folder():
@@ -106,7 +117,7 @@ def configure_compile_cache(setting=None):
     _condense_torch_cache_logs()
     if setting == CACHE_OFF:
         _set_caches(False)
-        _use_folder(_scratch_folder())
+        use_cache_folder(_scratch_folder())
         return CACHE_OFF
     _set_caches(True)
     user_folder = setting or os.environ.get(CACHE_ENV)
@@ -121,7 +132,7 @@ def configure_compile_cache(setting=None):
         warnings.warn(f"compile cache {folder} is not writable ({problem}): compiled kernels go to {scratch} "
                       f"for this run only (set {CACHE_FLAG} DIR)", CompileCacheWarning, stacklevel=2)
         folder = scratch
-    _use_folder(folder)
+    use_cache_folder(folder)
     return str(folder)
 
 
@@ -150,7 +161,7 @@ def _inductor_backend(mode):
                     if broken in _scratch_dirs:  # nothing cached to blame: a real compiler error
                         raise
                     scratch = _scratch_folder()
-                    _use_folder(scratch)
+                    use_cache_folder(scratch)
                     reason = " ".join(f"{type(error).__name__}: {error}".split())[:200]
                     warnings.warn(f"compile cache {broken or 'of torch'} unusable ({reason}); compiling without it "
                                   f"in {scratch} (delete the cache folder to rebuild it)", CompileCacheWarning)

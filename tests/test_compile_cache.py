@@ -85,6 +85,17 @@ def test_cache_folder_defaults_to_a_per_user_folder_and_honours_the_users_choice
     assert configure_compile_cache(str(tmp_path / "flag")) == str(tmp_path / "flag") == os.environ[CACHE_ENV]
 
 
+def test_triton_kernels_follow_the_cache_folder_unless_the_user_chose_their_folder(cache_state, tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "old" / "triton" / "0"))  # as torch fixes it
+    monkeypatch.setattr(compilation, "_USER_TRITON_CACHE", False)
+    compilation.use_cache_folder(tmp_path / "new")
+    assert os.environ[CACHE_ENV] == str(tmp_path / "new") and "TRITON_CACHE_DIR" not in os.environ
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "users"))
+    monkeypatch.setattr(compilation, "_USER_TRITON_CACHE", True)
+    compilation.use_cache_folder(None)  # torch's default folder again
+    assert CACHE_ENV not in os.environ and os.environ["TRITON_CACHE_DIR"] == str(tmp_path / "users")
+
+
 def test_off_compiles_from_scratch_and_a_folder_turns_the_caches_back_on(cache_state, tmp_path):
     inductor_config, functorch_config = cache_state
     assert configure_compile_cache("off") == "off"

@@ -75,10 +75,13 @@ def release_memory(device):
 
 
 def reset_compiler():
-    """Forget earlier compilations (and their CUDA-graph pools): each compiled entry starts clean."""
+    """Forget earlier compilations (and their CUDA-graph pools) and Inductor's loaded kernels: each
+    compiled entry starts as a fresh process would (the cache folder on disk is kept)."""
     import torch._dynamo
+    from torch._inductor.utils import clear_caches
 
     torch._dynamo.reset()
+    clear_caches()
 
 
 @contextlib.contextmanager
@@ -88,20 +91,15 @@ def fresh_compile_cache():
     import shutil
     import tempfile
 
-    from torch._inductor.utils import clear_caches
+    from engine.compilation import CACHE_ENV, configure_compile_cache, use_cache_folder
 
-    from engine.compilation import CACHE_ENV, configure_compile_cache
-
-    previous = os.environ.get(CACHE_ENV)
+    previous = os.environ.get(CACHE_ENV)  # None: torch's own folder
     folder = tempfile.mkdtemp(prefix="speedbench-inductor-")
     try:
         yield configure_compile_cache(folder)
     finally:
-        if previous is None:  # torch's own folder again
-            os.environ.pop(CACHE_ENV, None)
-        else:
-            os.environ[CACHE_ENV] = previous
-        clear_caches()
+        reset_compiler()
+        use_cache_folder(previous)
         shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -88,11 +88,12 @@ def _training_lines(section):
     lines = ["## Training (one adversarial iteration)", ""]
     lines += _table(("pair", "configuration", "median ms", "p10-p90 ms", "x naive", "peak GiB",
                      "compile s cold / warm", "note"), rows)
-    for entry in section["entries"]:
-        if "compile_cold_s" in entry:
-            counts = "; ".join(f"{phase} {', '.join(f'{k} {v}' for k, v in entry.get(f'cache_{phase}', {}).items()) or '-'}"
-                               for phase in ("cold", "warm"))
-            lines.append(f"- {entry['name'].partition(' | ')[0]} compile caches: {counts}")
+    compiled = [entry for entry in section["entries"] if "compile_cold_s" in entry]
+    lines += [""] if compiled else []
+    for entry in compiled:  # what the cold compile generated, what the warm one loaded
+        counts = "; ".join(f"{phase} {', '.join(f'{k} {v}' for k, v in entry.get(f'cache_{phase}', {}).items()) or '-'}"
+                           for phase in ("cold", "warm"))
+        lines.append(f"- {entry['name'].partition(' | ')[0]} compile caches: {counts}")
     curves = next((e for e in section["entries"] if e["key"] == "loss_curves"), None)
     if curves:
         lines += ["", f"Loss curves ({curves['name']}) {_status(curves)}"]

@@ -65,7 +65,7 @@ def measure_training(bench, context_path, discriminator_name, config):
     with contextlib.ExitStack() as stack:
         if config.compile:
             reset_compiler()
-            stack.enter_context(fresh_compile_cache())
+            stack.enter_context(fresh_compile_cache())  # resets the compiler again on leaving
         network, model, discriminator, optimizer, optimizer_d, scaler, scaler_d, precision = build_training(
             bench, context_path, discriminator_name, config)
         compiled = {"network": network}
@@ -89,8 +89,6 @@ def measure_training(bench, context_path, discriminator_name, config):
             _, samples = time_callable(step, device, warmup=p.train_warmup, runs=p.train_runs)
             if bench.cuda:
                 result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / GIB
-        if config.compile:
-            reset_compiler()
     result.update(quantiles(samples), runs=p.train_runs, warmup=p.train_warmup, precision=precision.mode)
     return result
 
