@@ -189,3 +189,21 @@ def test_bench_training_compile_times_cold_then_warm_in_a_fresh_folder(cache_sta
     # Both compilations used one fresh folder (not the user's), removed afterwards; the user's restored.
     assert len(folders) == 2 and folders[0] == folders[1] != str(tmp_path / "users")
     assert not Path(folders[0]).exists() and os.environ[CACHE_ENV] == str(tmp_path / "users")
+
+
+def test_bench_compiles_the_training_step_as_the_scripts_do(monkeypatch):
+    """The gpu profile's compiled training entries go through compile_network (dynamic=False), the
+    function behind --compile on, not torch.compile's default dynamic shapes."""
+    from bench.speedbench import training
+    from bench.speedbench.config import PROFILES, TRAIN_SCRIPTS_CPU
+
+    bench = SimpleNamespace(cuda=True, device=torch.device("cpu"), profile=PROFILES["gpu"],
+                            args=SimpleNamespace(no_compile=False, compile_train="auto"))
+    jobs = [job for job in training.training_jobs(bench, None) if job.phase == 1]
+    assert [job.key for job in jobs] == ["resnet18+dsc/ours_compile", "resnet101+dsc/ours_compile"]
+    assert all(job.settings["compile"] == "scripts" for job in jobs)
+    compiled = []
+    monkeypatch.setattr(training, "compile_network", lambda model: compiled.append(model) or "compiled")
+    network, model, *_ = training.build_training(bench, "resnet18", "dsc",
+                                                 dataclasses.replace(TRAIN_SCRIPTS_CPU, compile="scripts"))
+    assert network == "compiled" and compiled == [model]
