@@ -162,10 +162,11 @@ def _inductor_backend(mode):
                         raise
                     scratch = _scratch_folder()
                     use_cache_folder(scratch)
+                    compiled = super().__call__(model_, inputs_, **kwargs)  # a real compiler error fails again
                     reason = " ".join(f"{type(error).__name__}: {error}".split())[:200]
-                    warnings.warn(f"compile cache {broken or 'of torch'} unusable ({reason}); compiling without it "
+                    warnings.warn(f"compile cache {broken or 'of torch'} unusable ({reason}); compiled without it "
                                   f"in {scratch} (delete the cache folder to rebuild it)", CompileCacheWarning)
-                    return super().__call__(model_, inputs_, **kwargs)
+                    return compiled
 
     return CacheSafeInductor(mode, None, False)
 

@@ -159,13 +159,19 @@ def test_backend_retries_once_in_a_fresh_folder_and_raises_a_real_compiler_error
     assert attempts[0] == str(tmp_path / "cache") and attempts[1] != attempts[0]
 
     def broken_compiler(self, model, inputs, **kwargs):
+        attempts.append(os.environ[CACHE_ENV])
         raise RuntimeError("inductor bug")
 
     monkeypatch.setattr(torch._TorchCompileInductorWrapper, "__call__", broken_compiler)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # already in a fresh folder: no second warning, the error itself
-        with pytest.raises(RuntimeError, match="inductor bug"):
-            backend(None, [])
+    for cache in (None, tmp_path / "other"):  # from the scratch folder: no retry; from a cache: one
+        attempts.clear()
+        if cache:
+            configure_compile_cache(str(cache))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no warning blames the cache: the compiler's error itself
+            with pytest.raises(RuntimeError, match="inductor bug"):
+                backend(None, [])
+        assert len(attempts) == (2 if cache else 1)
 
 
 @pytest.mark.slow
