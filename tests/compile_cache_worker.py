@@ -2,9 +2,10 @@
 
     python tests/compile_cache_worker.py CACHE_DIR
 
-Compiles a two-layer linear network (matrix products only: no C++ kernel to build, seconds) with ``engine.compilation.compile_network`` (cache in CACHE_DIR), runs
-forward + backward on a fixed batch, and prints one JSON line: the compiled and the eager loss and
-gradients, and Inductor's / AOTAutograd's cache counters of this process.
+Compiles a two-layer linear network (matrix products only: no C++ kernel to build, seconds) with
+``engine.compilation.compile_network`` (cache in CACHE_DIR), runs forward + backward on a fixed
+batch, and prints one JSON line: the compiled and the eager loss and gradients, and Inductor's /
+AOTAutograd's cache counters of this process.
 """
 import json
 import sys

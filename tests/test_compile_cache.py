@@ -189,7 +189,8 @@ def test_bench_training_compile_times_cold_then_warm_in_a_fresh_folder(cache_sta
     monkeypatch.setattr(training, "compile_network", dynamo_only)
     monkeypatch.setenv(CACHE_ENV, str(tmp_path / "users"))
     bench = Bench(SimpleNamespace(), PROFILES["toy"], torch.device("cpu"))
-    result = training.measure_training(bench, "resnet18", "dsc", dataclasses.replace(TRAIN_SCRIPTS_CPU, compile="scripts"))
+    config = dataclasses.replace(TRAIN_SCRIPTS_CPU, compile="scripts")
+    result = training.measure_training(bench, "resnet18", "dsc", config)
     assert result["compile_cold_s"] > 0 and result["compile_warm_s"] > 0 and result["median_ms"] > 0
     assert result["compile_s"] == result["compile_cold_s"]
     # Both compilations used one fresh folder (not the user's), removed afterwards; the user's restored.

@@ -178,7 +178,7 @@ class TrainConfig:
     channels_last: bool = False
     cudnn_benchmark: bool = False
     optimizer: str = "for-loop"    # for-loop | foreach | fused (engine.optim.build_optimizer)
-    compile: str = None            # None | "scripts" (engine.compilation.compile_network, as cli.builders.maybe_compile)
+    compile: str = None            # None | "scripts" (engine.compilation.compile_network, as --compile on)
     discriminator_channels_last: bool = False
     finite_checks: bool = True     # False: engine.steps.check_finite (3 host syncs per step) patched out
     # The model's speed levers (BiSeNet.set_speed_levers; docs/speed.md), off in the naive baseline.
