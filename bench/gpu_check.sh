@@ -2,7 +2,9 @@
 # Everything this project checks on a lent GPU, in one call (the device tool's $OUT receives the
 # results; elsewhere pass a folder as $1):
 #   1. bench/speed.py --profile gpu: every figure of the speed issue, naive baseline side by side,
-#      each training lever of docs/speed.md in turn, MPL cost included, until SPEED_BUDGET_S seconds (then its JSON/Markdown are final);
+#      each training lever of docs/speed.md in turn, MPL cost included, then the compiled entries by priority
+#      (the training step as --compile on compiles it: compile time cold, then warm from the cache it
+#      left) until SPEED_BUDGET_S seconds (then its JSON/Markdown are final);
 #   2. the main job at a small size on CUDA with the scripts' CUDA defaults (bf16 autocast,
 #      channels_last, cudnn.benchmark): every stage, checkpoint, evaluation and table end to end.
 # Each part has its own hard time limit, so the whole call stays inside the device's 10 minutes

@@ -10,8 +10,10 @@ Sections (``--only``/``--skip`` choose; all by default):
   argmax agrees with a strict fp32 eager reference (TF32 off) on a batch of structured scenes.
 * ``training``: milliseconds per ``uda.adversarial.adversarial_step`` (BiSeNet + discriminator, source
   and target batch), naive (fp16 autocast with two GradScalers, NCHW, for-loop optimizers) against
-  the levers, with the peak GPU memory; a short loss-curve comparison (fp32 vs naive AMP vs ours on a
-  fixed batch); the same step fed by the project's real loaders (``BatchStream`` over PNG files).
+  the levers, with the peak GPU memory; the step compiled as ``--compile on`` compiles it (static
+  shapes), its compile time cold (empty cache folder) and warm (from that folder); a short loss-curve
+  comparison (fp32 vs naive AMP vs ours on a fixed batch); the same step fed by the project's real
+  loaders (``BatchStream`` over PNG files).
 * ``pseudolabels``: images/s of the dataset-wide threshold pass (forward + softmax + max +
   ``ConfidenceHistogram.update`` on the device) against the course's routine (fp32, one image at a
   time, per-class ``np.median`` in a Python loop), and of the statistic alone.

@@ -17,6 +17,7 @@ from dataset.normalization import get_normalization
 from dataset.transforms import eval_transform, train_transform
 from model import build_bisenet, load_bisenet
 from model.discriminator import MIN_INPUT_SIDE, STRIDED_LAYERS
+from engine.compilation import compile_network, configure_compile_cache
 from engine.optim import build_optimizer
 from engine.data import BatchStream, eval_loader
 from engine.fused_loss import fused_loss_unavailable
@@ -142,6 +143,8 @@ def resolve_fast_paths(args, device):
         if value == "auto":
             value = "on" if device.type in devices else "off"
         setattr(args, flag, value)
+    if args.compile == "on":  # an unwritable --compile-cache fails here, before any work
+        args.compile_cache = configure_compile_cache(getattr(args, "compile_cache", None))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
     return args
@@ -166,10 +169,10 @@ def prepare_network(network, args, device):
 
 
 def maybe_compile(network, args):
-    """``torch.compile`` when --compile is on; the uncompiled module is kept for checkpoints."""
+    """``torch.compile`` (static shapes, cached kernels: ``engine.compilation``) when --compile is on;
+    the uncompiled module is kept for checkpoints."""
     if getattr(args, "compile", "off") == "on":
-        # Static shapes: source and target sizes differ, and dynamic graphs are slower.
-        return torch.compile(network, dynamic=False)
+        return compile_network(network)
     return network
 
 

@@ -165,6 +165,7 @@ def add_runtime_args(parser):
                        help="channels_last memory format (auto: on for CUDA and the CPU)")
     group.add_argument("--compile", default="off", choices=("auto", "on", "off"),
                        help="torch.compile the segmentation network (auto: on for CUDA)")
+    add_compile_cache_arg(group)
     group.add_argument("--classifier-first", default="auto", choices=("auto", "on", "off"),
                        help="BiSeNet's 1x1 classifier before its x8 upsampling: the same function (bilinear weights "
                             "sum to 1), other rounding (auto: on for CUDA, off on the CPU; docs/speed.md)")
@@ -224,6 +225,13 @@ def add_training_args(parser, default_lr=DEFAULT_LR):
     return group
 
 
+def add_compile_cache_arg(group):
+    group.add_argument("--compile-cache", default=None, metavar="DIR|off",
+                       help="with --compile: folder of Inductor's compiled kernels, kept so later runs on this machine "
+                            "skip compiling (default: $TORCHINDUCTOR_CACHE_DIR, else ~/.cache/uda-bisenet/inductor); "
+                            "off: compile from scratch")
+
+
 def add_inference_runtime_args(parser):
     """--device, --amp, --channels-last, --compile, --no-progress of the inference scripts."""
     group = parser.add_argument_group("runtime")
@@ -231,5 +239,6 @@ def add_inference_runtime_args(parser):
     group.add_argument("--amp", choices=AMP_CHOICES, default="auto", help="mixed precision (auto: bf16 on CUDA, off on CPU)")
     group.add_argument("--channels-last", choices=("auto", "on", "off"), default="auto", help="channels_last memory format")
     group.add_argument("--compile", choices=("auto", "on", "off"), default="off", help="torch.compile the network")
+    add_compile_cache_arg(group)
     group.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
     return group

@@ -75,10 +75,32 @@ def release_memory(device):
 
 
 def reset_compiler():
-    """Forget earlier compilations (and their CUDA-graph pools): each compiled entry starts clean."""
+    """Forget earlier compilations (and their CUDA-graph pools) and Inductor's loaded kernels: each
+    compiled entry starts as a fresh process would (the cache folder on disk is kept)."""
     import torch._dynamo
+    from torch._inductor.utils import clear_caches
 
     torch._dynamo.reset()
+    clear_caches()
+
+
+@contextlib.contextmanager
+def fresh_compile_cache():
+    """An empty Inductor cache folder for the block (a cold compile, whatever this machine compiled
+    before), removed afterwards; the previous folder is restored."""
+    import shutil
+    import tempfile
+
+    from engine.compilation import CACHE_ENV, configure_compile_cache, use_cache_folder
+
+    previous = os.environ.get(CACHE_ENV)  # None: torch's own folder
+    folder = tempfile.mkdtemp(prefix="speedbench-inductor-")
+    try:
+        yield configure_compile_cache(folder)
+    finally:
+        reset_compiler()
+        use_cache_folder(previous)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def quantiles(samples_s):

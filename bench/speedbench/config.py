@@ -54,7 +54,7 @@ class Profile:
     train_batch: int
     train_pairs: tuple          # ((context_path, discriminator, "levers" | "pair"), ...): every lever, or naive /
                                 # fast paths / ours
-    train_compile: tuple        # ((context_path, discriminator, priority), ...)
+    train_compile: tuple        # ((context_path, discriminator, priority), ...): compiled as --compile on does it
     train_warmup: int
     train_runs: int
     curve_iters: int
@@ -97,7 +97,7 @@ PROFILES = {
         infer_warmup=10, infer_runs=30, compiled_runs=30,
         train_source=TRAIN_SOURCE, train_target=TRAIN_TARGET, train_batch=TRAIN_BATCH,
         train_pairs=((R18, "dsc", "levers"), (R18, "fcd", "pair"), (R101, "dsc", "pair")),
-        train_compile=((R18, "dsc", "scripts", 2), (R101, "dsc", "scripts", 6), (R18, "dsc", "static", 10)),
+        train_compile=((R18, "dsc", 2), (R101, "dsc", 6)),
         train_warmup=3, train_runs=15, curve_iters=30, e2e_iters=15,
         pl_size=HALF, pl_batch=16, pl_naive_images=16, pl_runs=10, mpl_runs=8,
         loader_images=16, loader_batch=4, loader_batches=32,
@@ -178,7 +178,7 @@ class TrainConfig:
     channels_last: bool = False
     cudnn_benchmark: bool = False
     optimizer: str = "for-loop"    # for-loop | foreach | fused (engine.optim.build_optimizer)
-    compile: str = None            # None | "scripts" (torch.compile(model), as maybe_compile) | "static" (dynamic=False)
+    compile: str = None            # None | "scripts" (engine.compilation.compile_network, as --compile on)
     discriminator_channels_last: bool = False
     finite_checks: bool = True     # False: engine.steps.check_finite (3 host syncs per step) patched out
     # The model's speed levers (BiSeNet.set_speed_levers; docs/speed.md), off in the naive baseline.
@@ -227,9 +227,11 @@ CPU_TRAIN_LEVERS = (TRAIN_NAIVE_CPU, TRAIN_FAST_PATHS_CPU, TRAIN_SCRIPTS_CPU,
                     TrainConfig("nchw", "ours in NCHW (--channels-last off)", optimizer="fused", skip_unread_aux=True),
                     TrainConfig("foreach", "ours with foreach optimizers instead of fused", channels_last=True,
                                 optimizer="foreach", skip_unread_aux=True))
-# Compiling a training step (forward + backward, source and target shapes) is slow: R18 took 200 s
-# on the H100 machine (bench/results/speed_gpu_classlast_nll.md), 183 s on 2 CPU cores at toy size.
-TRAIN_COMPILE_COST_S = {R18: 240, R101: 300}
+# Compiling a training step (forward + backward, source and target shapes): R18 took 200 s on the
+# H100 machine with automatic dynamic shapes (bench/results/speed_gpu_classlast_nll.md), most of it in
+# the dynamic recompile's sympy work. With dynamic=False (as the scripts compile) an estimate, not yet
+# measured: cold about as long as 4 static inference compiles (9-22 s each), plus the warm compile.
+TRAIN_COMPILE_COST_S = {R18: 150, R101: 220}
 
 
 def scripts_train_config(bench):

@@ -81,10 +81,19 @@ def _training_lines(section):
         ms = entry.get("median_ms")
         speedup = naive[pair] / ms if ms and naive.get(pair) else None
         spread = f"{entry['p10_ms']:.4g}-{entry['p90_ms']:.4g}" if entry.get("p10_ms") else "-"
-        rows.append((pair, config, fmt(ms), spread, fmt(speedup, 3), fmt(entry.get("peak_memory_gib"), 3),
+        compile_s = "-" if "compile_cold_s" not in entry else \
+            f"{fmt(entry['compile_cold_s'], 3)} / {fmt(entry.get('compile_warm_s'), 3)}"
+        rows.append((pair, config, fmt(ms), spread, fmt(speedup, 3), fmt(entry.get("peak_memory_gib"), 3), compile_s,
                      _status(entry)))
     lines = ["## Training (one adversarial iteration)", ""]
-    lines += _table(("pair", "configuration", "median ms", "p10-p90 ms", "x naive", "peak GiB", "note"), rows)
+    lines += _table(("pair", "configuration", "median ms", "p10-p90 ms", "x naive", "peak GiB",
+                     "compile s cold / warm", "note"), rows)
+    compiled = [entry for entry in section["entries"] if "compile_cold_s" in entry]
+    lines += [""] if compiled else []
+    for entry in compiled:  # what the cold compile generated, what the warm one loaded
+        counts = "; ".join(f"{phase} {', '.join(f'{k} {v}' for k, v in entry.get(f'cache_{phase}', {}).items()) or '-'}"
+                           for phase in ("cold", "warm"))
+        lines.append(f"- {entry['name'].partition(' | ')[0]} compile caches: {counts}")
     curves = next((e for e in section["entries"] if e["key"] == "loss_curves"), None)
     if curves:
         lines += ["", f"Loss curves ({curves['name']}) {_status(curves)}"]

@@ -14,13 +14,20 @@ from uda.adversarial import DEFAULT_LAMBDA_ADV, DEFAULT_LR_D
 from utils.benchmark import time_callable
 from uda.adversarial import adversarial_step
 from cli.options import DEFAULT_LR
+from engine.compilation import compile_network
 from engine.precision import Precision
 
-from .common import (Job, RepeatedDataset, bind, cudnn_flags, make_optimizer, quantiles, release_memory, reset_compiler,
-                     size_text, strict_fp32, synchronize)
+from .common import (Job, RepeatedDataset, bind, cudnn_flags, fresh_compile_cache, make_optimizer, quantiles,
+                     release_memory, reset_compiler, size_text, strict_fp32, synchronize)
 from .config import (CPU_TRAIN_LEVERS, CUDA_TRAIN_LEVERS, GIB, R18, TRAIN_COMPILE_COST_S, TRAIN_NAIVE_CPU,
                      TRAIN_NAIVE_CUDA, TRAIN_SCRIPTS_CPU, TRAIN_SCRIPTS_CUDA, TrainConfig, fast_paths_train_config,
                      scripts_train_config)
+
+
+# Inductor's FX graph cache (compiled kernels) and AOTAutograd's cache (forward/backward split):
+# a miss is one graph generated and compiled, a hit one loaded from the cache folder.
+CACHE_COUNTERS = {"inductor": ("fxgraph_cache_miss", "fxgraph_cache_hit"),
+                  "aot_autograd": ("autograd_cache_miss", "autograd_cache_hit")}
 
 
 def train_key(context_path, discriminator, config_key):
@@ -45,42 +52,59 @@ def build_training(bench, context_path, discriminator_name, config, seed=0):
     optimizer = make_optimizer("sgd", model.parameters(), DEFAULT_LR, config.optimizer)
     optimizer_d = make_optimizer("adam", discriminator.parameters(), DEFAULT_LR_D, config.optimizer)
     precision = Precision(device, config.amp)
-    if config.compile == "static":
-        network = torch.compile(model, dynamic=False)
-    else:
-        network = torch.compile(model) if config.compile else model
+    network = compile_network(model) if config.compile else model
     return network, model, discriminator, optimizer, optimizer_d, precision.grad_scaler(), precision.grad_scaler(), precision
 
 
 def measure_training(bench, context_path, discriminator_name, config):
+    """Median ms per step; for a compiled configuration also the compile time cold (first step, empty
+    cache folder) and warm (the model compiled again after ``reset_compiler``: what a second run of
+    a script pays, its kernels loaded from the persistent cache), with the caches' hit counts."""
     device, p = bench.device, bench.profile
     source, labels, target = bench.train_batch()
-    if config.compile:
-        reset_compiler()
-    network, model, discriminator, optimizer, optimizer_d, scaler, scaler_d, precision = build_training(
-        bench, context_path, discriminator_name, config)
-
-    def step():
-        adversarial_step(network, discriminator, optimizer, optimizer_d, scaler, scaler_d, precision,
-                         source, labels, target, lambda_adv=DEFAULT_LAMBDA_ADV)
-
-    result = {}
-    with cudnn_flags(benchmark=config.cudnn_benchmark), finite_checks(config.finite_checks):
-        if bench.cuda:
-            synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
+    with contextlib.ExitStack() as stack:
         if config.compile:
-            started = time.perf_counter()
-            step()
-            synchronize(device)
-            result["compile_s"] = time.perf_counter() - started
-        _, samples = time_callable(step, device, warmup=p.train_warmup, runs=p.train_runs)
-        if bench.cuda:
-            result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / GIB
+            reset_compiler()
+            stack.enter_context(fresh_compile_cache())  # resets the compiler again on leaving
+        network, model, discriminator, optimizer, optimizer_d, scaler, scaler_d, precision = build_training(
+            bench, context_path, discriminator_name, config)
+        compiled = {"network": network}
+
+        def step():
+            adversarial_step(compiled["network"], discriminator, optimizer, optimizer_d, scaler, scaler_d, precision,
+                             source, labels, target, lambda_adv=DEFAULT_LAMBDA_ADV)
+
+        result = {}
+        with cudnn_flags(benchmark=config.cudnn_benchmark), finite_checks(config.finite_checks):
+            if bench.cuda:
+                synchronize(device)
+                torch.cuda.reset_peak_memory_stats(device)
+            if config.compile:
+                for phase in ("cold", "warm"):
+                    if phase == "warm":
+                        reset_compiler()
+                        compiled["network"] = compile_network(model)
+                    result[f"compile_{phase}_s"], result[f"cache_{phase}"] = _first_step(step, device)
+                result["compile_s"] = result["compile_cold_s"]
+            _, samples = time_callable(step, device, warmup=p.train_warmup, runs=p.train_runs)
+            if bench.cuda:
+                result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / GIB
     result.update(quantiles(samples), runs=p.train_runs, warmup=p.train_warmup, precision=precision.mode)
-    if config.compile:
-        reset_compiler()
     return result
+
+
+def _first_step(step, device):
+    """Seconds of one step (the one that compiles) and the cache counters it moved."""
+    from torch._dynamo.utils import counters
+
+    before = {group: dict(counters[group]) for group in CACHE_COUNTERS}
+    started = time.perf_counter()
+    step()
+    synchronize(device)
+    seconds = time.perf_counter() - started
+    moved = {f"{group}.{name}": counters[group][name] - before[group].get(name, 0)
+             for group, names in CACHE_COUNTERS.items() for name in names}
+    return seconds, {name: count for name, count in moved.items() if count}
 
 
 @contextlib.contextmanager
@@ -234,11 +258,10 @@ def training_jobs(bench, recorder):
         recorder.note("training", "torch.compile entries not run (--no-compile / --compile-train off)")
         return jobs
     pairs = p.train_compile if args.compile_train == "auto" else tuple(
-        (cp, d, "scripts", 5 + i) for i, (cp, d, _) in enumerate(p.train_pairs))
-    labels = {"scripts": "ours + torch.compile(model) as cli.builders.maybe_compile",
-              "static": "ours + torch.compile(model, dynamic=False)"}
-    for context_path, discriminator, kind, priority in pairs:
-        config = dataclasses.replace(scripts, key=f"ours_compile_{kind}", label=labels[kind], compile=kind)
+        (cp, d, 5 + i) for i, (cp, d, _) in enumerate(p.train_pairs))
+    label = "ours + --compile on (engine.compilation.compile_network: dynamic=False, cache cold then warm)"
+    for context_path, discriminator, priority in pairs:
+        config = dataclasses.replace(scripts, key="ours_compile", label=label, compile="scripts")
         jobs.append(Job("training", train_key(context_path, discriminator, config.key),
                         f"{context_path}+{discriminator.upper()} | {config.label}",
                         bind(measure_training, bench, context_path, discriminator, config),
