@@ -18,7 +18,7 @@ from reporting.report import paired_deltas_markdown, table1_markdown
 from reporting.scoring import best_report_row, paired_references, paired_summary
 
 REPO = Path(__file__).resolve().parents[1]
-COMMITTED_RESULTS = (REPO / "results" / "synthetic", REPO / "results" / "synthetic_seed0")
+COMMITTED_RESULTS = (REPO / "results" / "synthetic",)
 
 
 def _table_rows(path):
@@ -46,17 +46,13 @@ def _assert_cell(cell, values, what):
     assert numbers == pytest.approx(expected, abs=0.051), f"{what}: {cell!r}, expected {expected}"
 
 
-# Rows of tables made before the main job ran one MPL stage per feedback rule.
-LEGACY_ROW_STAGES = {"DSC + MPL (student)": "mpl", "DSC + MPL (teacher)": "mpl"}
-
-
 def assert_tables_agree_with_results(folder):
     """table1.md and table2.md against results.json: every number of the table from the per-seed
     scores, no NaN, every score a fraction in [0, 1], each mIoU the mean of its class IoUs."""
     results = json.loads((folder / "results.json").read_text())
     methods, seeds = results["methods"], results["seeds"]
     rows = _table_rows(folder / "table1.md")
-    stages = {label: stage for label, stage, _ in METHODS} | LEGACY_ROW_STAGES
+    stages = {label: stage for label, stage, _ in METHODS}
     assert list(rows) == list(methods) and set(methods) <= set(stages)
     settings = Settings(**results["settings"])
     baseline = [seed["miou"] for seed in methods[BASELINE]["per_seed"]]
