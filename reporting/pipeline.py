@@ -27,7 +27,8 @@ class Stage:
 
 @dataclass
 class Settings:
-    """Sizes and lengths of one pipeline run (the demo defaults fit 2 CPU cores in 15 minutes).
+    """Sizes and lengths of one pipeline run (the default demo takes 14 minutes on 2 CPU cores with
+    --jobs 2: bench/results/demo_time_cpu.md).
 
     Training from scratch (no ImageNet weights offline) at a few hundred iterations: Adam reaches
     a usable model sooner than the report's SGD, so the demo uses Adam; the real-data commands in
