@@ -47,10 +47,13 @@ def test_adversarial_step_updates_both_and_freezes_discriminator_during_segmenta
         # At the segmentation update, D must be exactly as before and hold no gradients.
         seen["disc_changed"] = _changed(disc_before, disc)
         seen["disc_grads"] = [p.grad for p in disc.parameters() if p.grad is not None]
-        seen["disc_requires_grad"] = any(p.requires_grad for p in disc.parameters())
         seen["model_grads"] = sum(p.grad is not None for p in model.parameters())
         return original_step(*args, **kwargs)
 
+    def record_frozen(module, inputs):  # D's first call is the adversarial term's: frozen there
+        seen.setdefault("disc_requires_grad", any(p.requires_grad for p in disc.parameters()))
+
+    disc.register_forward_pre_hook(record_frozen)
     optimizer.step = checking_step
     source_images, source_labels = _batch(1)
     target_images, _ = _batch(2, labels=False)
@@ -130,7 +133,7 @@ def test_supervised_steps_lower_the_loss():
     assert losses[-1] < losses[0]
 
 
-@pytest.mark.parametrize("poisoned", ["source", "target"])
+@pytest.mark.parametrize("poisoned", ["source", "target", "discriminator"])
 def test_a_refused_step_leaves_every_parameter_and_buffer_as_it_was(poisoned):
     """check_finite refuses before any update, and buffers_restored_on_refusal puts back what the
     forwards moved: BatchNorm running statistics and num_batches_tracked included."""
@@ -138,14 +141,24 @@ def test_a_refused_step_leaves_every_parameter_and_buffer_as_it_was(poisoned):
     before_model, before_disc = _snapshot(model), _snapshot(disc)
     source_images, source_labels = _batch(1)
     target_images, _ = _batch(2, labels=False)
-    (source_images if poisoned == "source" else target_images)[0, 0, 0, 0] = float("nan")
+    if poisoned == "discriminator":
+        # D's own step sees a non-finite source term while the segmentation losses are finite: the
+        # segmentation update, computed first, must not be taken either.
+        calls = []
+
+        def poison_second_call(module, inputs, output):
+            calls.append(1)
+            return output * float("nan") if len(calls) % 3 == 2 else output
+        disc.register_forward_hook(poison_second_call)
+    else:
+        (source_images if poisoned == "source" else target_images)[0, 0, 0, 0] = float("nan")
 
     def step():
         adversarial_step(model, disc, optimizer, optimizer_d, scaler, scaler_d, precision,
                          source_images, source_labels, target_images)
 
     # Without the guard the forwards move the statistics: what the guard has to undo.
-    with pytest.raises(NonFiniteLossError, match="loss_seg" if poisoned == "source" else "loss_adv"):
+    with pytest.raises(NonFiniteLossError, match={"source": "loss_seg", "target": "loss_adv"}.get(poisoned, "loss_d")):
         step()
     moved = _changed(before_model, model)
     assert moved and all(name.endswith(("running_mean", "running_var", "num_batches_tracked")) for name in moved)

@@ -99,19 +99,22 @@ def adversarial_step(model, discriminator, optimizer, optimizer_d, scaler, scale
         losses.update(logged)
         check_finite(logged)
         scaler.scale(loss_extra).backward()
+    if discriminator is not None:
+        # The discriminator's loss reads detached maps and D's own weights, which the segmentation
+        # update does not touch: computed (and checked) before that update, a non-finite value
+        # refuses the whole step, segmentation included, instead of half of it.
+        loss_d = discriminator_loss(discriminator, optimizer_d, precision, source_main, target_probabilities)
     scaler.step(optimizer)
     scaler.update()
 
     if discriminator is not None:
-        losses["loss_d"] = discriminator_step(discriminator, optimizer_d, scaler_d, precision, source_main,
-                                              target_probabilities)
+        losses["loss_d"] = discriminator_update(optimizer_d, scaler_d, loss_d)
     return {name: value.detach() for name, value in losses.items()}
 
 
-def discriminator_step(discriminator, optimizer, scaler, precision, source_logits, target_probabilities,
-                       loss_name="loss_d"):
-    """AdaptSegNet's discriminator step on detached maps: source -> source label, target -> target
-    label, mean of the two BCE terms. Returns the detached loss."""
+def discriminator_loss(discriminator, optimizer, precision, source_logits, target_probabilities, loss_name="loss_d"):
+    """AdaptSegNet's discriminator loss on detached maps: source -> source label, target -> target
+    label, mean of the two BCE terms; checked finite before it is returned."""
     set_requires_grad(unwrap(discriminator), True)
     optimizer.zero_grad(set_to_none=True)
     with precision.autocast():
@@ -119,7 +122,19 @@ def discriminator_step(discriminator, optimizer, scaler, precision, source_logit
         loss_d = 0.5 * (domain_loss(discriminator, source_probabilities, SOURCE_DOMAIN)
                         + domain_loss(discriminator, target_probabilities.detach(), TARGET_DOMAIN))
     check_finite({loss_name: loss_d})
+    return loss_d
+
+
+def discriminator_update(optimizer, scaler, loss_d):
+    """Backward and step of ``discriminator_loss``'s value. Returns the detached loss."""
     scaler.scale(loss_d).backward()
     scaler.step(optimizer)
     scaler.update()
     return loss_d.detach()
+
+
+def discriminator_step(discriminator, optimizer, scaler, precision, source_logits, target_probabilities,
+                       loss_name="loss_d"):
+    """The discriminator's loss and update in one (MPL's teacher discriminator). Returns the detached loss."""
+    loss_d = discriminator_loss(discriminator, optimizer, precision, source_logits, target_probabilities, loss_name)
+    return discriminator_update(optimizer, scaler, loss_d)
