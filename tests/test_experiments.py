@@ -129,7 +129,8 @@ def test_pipeline_produces_every_table_row_and_file(tiny_data_root, tmp_path, on
         "--output-dir", str(out), "--data-root", str(tiny_data_root), "--source-size", "64x36",
         "--target-size", "64x32", "--batch-size", "2", "--supervised-iterations", "3", "--iterations", "2",
         "--adapt-iterations", "2", "--pseudo-iterations", "2",
-        "--mpl-iterations", "2", "--val-every", "2", "--workers", "0", "--device", "cpu", "--no-progress"])
+        "--mpl-iterations", "2", "--val-every", "2", "--workers", "0", "--device", "cpu", "--no-progress",
+        "--jobs", "1"])  # in this process: the side-by-side path is tests/test_scheduler.py's
     summary = experiments.main(args)
     for name in ("miou_curves.png", "qualitative.png"):
         assert (out / name).read_bytes().startswith(b"\x89PNG"), name
