@@ -52,8 +52,9 @@ def table1_markdown(rows, baseline=None, iterations=None):
 def _delta_cell(is_baseline, mious, baseline_mious, show_std):
     if is_baseline or not baseline_mious:
         return "—"
-    if len(mious) == len(baseline_mious):  # seed i against seed i
-        mean, std = mean_std([a - b for a, b in zip(mious, baseline_mious)])
+    deltas = paired_deltas(mious, baseline_mious)  # seed i against seed i
+    if deltas is not None:
+        mean, std = mean_std(deltas)
     else:
         mean, std = mean_std(mious)[0] - mean_std(baseline_mious)[0], None
     text = f"{100 * mean:+.1f}"
