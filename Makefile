@@ -22,7 +22,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 	touch $@
 
 demo: venv
-	$(PY) experiments.py --output-dir results/synthetic $(DEMO_ARGS)
+	$(PY) experiments.py $(DEMO_ARGS)
 
 test: venv
 	$(PY) -m pytest -q tests
@@ -30,5 +30,5 @@ test: venv
 test-fast: venv
 	$(PY) -m pytest -q -m "not slow" tests
 
-clean-results:
-	rm -rf results/synthetic
+clean-results:  # the demo's scratch output; the committed results/ stay
+	rm -rf runs/synthetic

@@ -11,7 +11,8 @@ qualitative.png and results.json into --output-dir. Each stage is the normal scr
 (printed), so any row can be rerun alone.
 
 Examples:
-  python experiments.py --output-dir results/synthetic --seeds 3
+  python experiments.py                      # make demo: one seed, written to runs/synthetic
+  python experiments.py --output-dir results/synthetic --seeds 3 --methods all   # the committed table
   python experiments.py --output-dir /tmp/toy --iterations 4 --val-every 2 --stages source_only fcd
   python experiments.py --output-dir results/synthetic --stages source_only dacs fda_dsc --methods dacs fda_dsc
 """
@@ -44,13 +45,16 @@ from utils.distributed import resolve_device
 from utils.logger import git_commit, write_json, write_text
 
 # The scripts the pipeline's stages run, by module name (reporting.pipeline imports no script).
+# A scratch folder, ignored by git: a default run never overwrites the committed results/synthetic.
+DEFAULT_OUTPUT_DIR = "runs/synthetic"
 STAGE_SCRIPTS = {script.__name__: script for script in (trainSupervised, trainUnsupervised, createpseudolabels, MPL)}
 
 
 def get_args(argv=None):
     defaults = Settings()
     parser = make_parser(__doc__)
-    parser.add_argument("--output-dir", default="results/synthetic", help="where tables, pictures and runs go")
+    parser.add_argument("--output-dir", default=DEFAULT_OUTPUT_DIR,
+                        help="where tables, pictures and runs go (the committed results are results/synthetic)")
     parser.add_argument("--seeds", type=positive_int, default=1, help="repeat every row with seeds 0..N-1 (mean ± std)")
     parser.add_argument("--stages", nargs="+", choices=STAGE_KEYS, default=list(STAGE_KEYS),
                         help="stages to run (those they need must have run before in --output-dir)")
