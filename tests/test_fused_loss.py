@@ -23,6 +23,7 @@ from engine.fused_loss import axis_tables
 from engine.steps import segmentation_loss
 from model import build_bisenet
 from model.resize import interpolation_matrix
+from utils import triton_support
 from utils.errors import OptionError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -202,9 +203,9 @@ def test_fused_loss_is_off_by_default_and_on_needs_cuda_and_triton(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(OptionError, match="--fused-loss on: .*CUDA"):
         resolve_fast_paths(_runtime_args("--fused-loss", "on"), cpu)
-    monkeypatch.setattr(fused_loss, "triton_available", lambda: True)
+    monkeypatch.setattr(triton_support, "triton_available", lambda: True)
     assert resolve_fast_paths(_runtime_args("--fused-loss", "auto"), cuda).fused_loss == "on"
-    monkeypatch.setattr(fused_loss, "triton_available", lambda: False)
+    monkeypatch.setattr(triton_support, "triton_available", lambda: False)
     assert resolve_fast_paths(_runtime_args("--fused-loss", "auto"), cuda).fused_loss == "off"
     with pytest.raises(OptionError, match="--fused-loss on: .*Triton"):
         resolve_fast_paths(_runtime_args("--fused-loss", "on"), cuda)
