@@ -3,7 +3,8 @@ Triton forms against the reference, F.conv2d(groups=C), 4x4 stride 2 padding 1, 
 
 The dense form runs here. The Triton kernels run in Triton's CPU interpreter, in a subprocess
 (tests/depthwise_cases.py, TRITON_INTERPRET=1 set before Triton is imported) that saves its outputs
-and gradients; the references are computed here from the same inputs (about 7 s of CPU).
+and gradients; the references are computed here from the same inputs. The subprocess takes about
+7 s of CPU (10 s wall on two busy cores), hence the slow mark on the tests that read it.
 """
 import argparse
 import os
@@ -54,6 +55,7 @@ def _close(actual, expected, rtol):
     torch.testing.assert_close(actual.float(), expected, rtol=rtol, atol=rtol * expected.abs().max().item())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["even_nhwc", "odd_nhwc", "odd_rows_45", "nchw_input", "wide_channels"])
 def test_triton_forward_and_gradients_match_the_grouped_convolution(interpreted, name):
     # Even and odd sizes (45 rows -> 22), batches 1-3, 5 to 512 channels (not multiples of the block),
@@ -71,6 +73,7 @@ def test_triton_forward_and_gradients_match_the_grouped_convolution(interpreted,
     assert torch.equal(case["grad_x"], case["grad_x_again"]) and torch.equal(case["grad_weight"], case["grad_weight_again"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name,mantissa_bits", [("bf16", 8), ("fp16", 11)])
 def test_triton_half_precision_inputs_are_summed_in_float32(interpreted, name, mantissa_bits):
     # bf16/fp16 input and upstream gradient, float32 weight: the output and the input gradient are in
@@ -85,6 +88,7 @@ def test_triton_half_precision_inputs_are_summed_in_float32(interpreted, name, m
     _close(case["grad_weight"], grad_weight, 1e-5)
 
 
+@pytest.mark.slow
 def test_triton_under_autocast_casts_the_input_like_the_native_convolution(interpreted):
     case = interpreted["autocast"]
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -96,6 +100,7 @@ def test_triton_under_autocast_casts_the_input_like_the_native_convolution(inter
     _close(case["y"], native.float(), 2.0 ** -6)
 
 
+@pytest.mark.slow
 def test_dsc_discriminator_with_triton_depthwise_matches_native(interpreted, one_thread):
     # A whole DSCDiscriminator (depthwise widths 5, 64, 128, 256, 512 on 32x48 -> 1x1) with --depthwise
     # triton against the same weights with the native grouped convolutions: same output, same input

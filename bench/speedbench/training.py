@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from model import build_bisenet, build_discriminator
+from model.depthwise import set_depthwise
 from model.resize import set_matmul_resize
 from uda.adversarial import DEFAULT_LAMBDA_ADV, DEFAULT_LR_D
 from utils.benchmark import time_callable
@@ -45,6 +46,7 @@ def build_training(bench, context_path, discriminator_name, config, seed=0):
     model.set_speed_levers(skip_unread_aux=config.skip_unread_aux, classifier_first=config.classifier_first,
                            matmul_resize=config.matmul_resize, fused_loss=config.fused_loss)
     discriminator = set_matmul_resize(build_discriminator(discriminator_name).to(device), config.matmul_resize)
+    set_depthwise(discriminator, config.depthwise)
     if config.discriminator_channels_last:
         discriminator = discriminator.to(memory_format=torch.channels_last)
     model.train()
@@ -132,7 +134,7 @@ def _train_settings(bench, context_path, discriminator, config):
             "cudnn_benchmark": config.cudnn_benchmark, "optimizers": config.optimizer,
             "compile": config.compile or "off", "finite_checks": config.finite_checks,
             "skip_unread_aux": config.skip_unread_aux, "classifier_first": config.classifier_first,
-            "matmul_resize": config.matmul_resize, "fused_loss": config.fused_loss,
+            "matmul_resize": config.matmul_resize, "fused_loss": config.fused_loss, "depthwise": config.depthwise,
             "step": "uda.adversarial.adversarial_step",
             "input": "fixed synthetic scenes already on the device"}
 
