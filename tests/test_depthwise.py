@@ -74,16 +74,18 @@ def test_triton_forward_and_gradients_match_the_grouped_convolution(interpreted,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,mantissa_bits", [("bf16", 8), ("fp16", 11)])
-def test_triton_half_precision_inputs_are_summed_in_float32(interpreted, name, mantissa_bits):
+# One unit in the last place, relative: the interpreter converts float32 to bf16 by truncation (measured:
+# every output equals the truncated reference), a GPU rounds to nearest (half of it); fp16 rounds.
+@pytest.mark.parametrize("name,ulp", [("bf16", 2.0 ** -7), ("fp16", 2.0 ** -10)])
+def test_triton_half_precision_inputs_are_summed_in_float32(interpreted, name, ulp):
     # bf16/fp16 input and upstream gradient, float32 weight: the output and the input gradient are in
-    # the input's dtype and are the float32 results of those (exactly representable) values rounded
+    # the input's dtype and are the float32 results of those (exactly representable) values converted
     # once; the weight gradient is float32 and as tight as in float32.
     case = interpreted["kernels"][name]
     y, grad_x, grad_weight = _reference(case["x"], case["weight"], case["upstream"])
     assert case["y"].dtype == case["grad_x"].dtype == case["x"].dtype
-    _close(case["y"], y, 2.0 ** -mantissa_bits)
-    _close(case["grad_x"], grad_x, 2.0 ** -mantissa_bits)
+    _close(case["y"], y, ulp)
+    _close(case["grad_x"], grad_x, ulp)
     assert case["grad_weight"].dtype == torch.float32
     _close(case["grad_weight"], grad_weight, 1e-5)
 
@@ -96,7 +98,7 @@ def test_triton_under_autocast_casts_the_input_like_the_native_convolution(inter
     assert case["y"].dtype == native.dtype == torch.bfloat16
     # The kernel reads the weight in float32 where the native one rounds it to bf16 too: within bf16 rounding.
     reference, _, _ = _reference(case["x"].bfloat16(), case["weight"], torch.zeros_like(native))
-    _close(case["y"], reference, 2.0 ** -8)
+    _close(case["y"], reference, 2.0 ** -7)
     _close(case["y"], native.float(), 2.0 ** -6)
 
 
@@ -132,8 +134,9 @@ def test_block_diagonal_weight_is_the_depthwise_weight_on_its_diagonal():
 @pytest.mark.parametrize("batch,channels,size", [(2, 5, (9, 11)), (1, 19, (8, 12)), (3, 64, (45, 6)), (1, 256, (5, 4))])
 def test_dense_forward_and_gradients_match_the_grouped_convolution(batch, channels, size, one_thread):
     # The dense convolution with the block-diagonal weight is the same function: the off-diagonal
-    # products are exact zeros. oneDNN sums the (C x 16) products of a dense convolution in another
-    # order than the 16 of a grouped one, so the float32 results agree to rounding, not bit for bit.
+    # products are exact zeros. oneDNN's backward sums in another order than the grouped one's, so the
+    # float32 gradients agree to rounding, not bit for bit (measured: up to 1.2e-7 of the largest value;
+    # the forward was bitwise equal in these cases, which nothing promises).
     generator = torch.Generator().manual_seed(channels)
     x = torch.randn(batch, channels, *size, generator=generator).contiguous(memory_format=torch.channels_last)
     weight = torch.randn(channels, 1, 4, 4, generator=generator)
