@@ -35,7 +35,7 @@ DEPTHWISE_IMPLEMENTATIONS = ("native", "dense", "triton")
 # WEIGHT_BLOCK_PIXELS x 16 taps x BLOCK_CHANNELS for the weight gradient, whose pixel axis is split
 # into at most WEIGHT_PROGRAMS programs per channel block (the first stage's partial sums). Not timed
 # (no GPU yet): chosen so that ptxas (sm_90, 4 warps, bf16 activations) neither spills nor needs more
-# than 128 registers a thread (measured: 116, 64 and 111; 32-pixel tiles: 254 and 180).
+# than 128 registers a thread (measured: 114, 64 and 111; 32-pixel tiles: 254 and 180).
 BLOCK_PIXELS, BLOCK_CHANNELS, WEIGHT_BLOCK_PIXELS, WEIGHT_PROGRAMS = 16, 32, 8, 512
 INTERPRETER_TILE = 1 << 18  # elements of one tile in the interpreter, whose cost is per program and operation
 

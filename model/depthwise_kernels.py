@@ -32,6 +32,12 @@ def channel_block(channels, BLOCK_C: tl.constexpr):
 
 
 @triton.jit
+def tile_offsets(b, row, col, c, s_b, s_c, s_h, s_w):
+    """Element offsets of a [pixels, channels] tile: pixel (b, row, col), channel c."""
+    return (b * s_b + row * s_h + col * s_w)[:, None] + c[None, :] * s_c
+
+
+@triton.jit
 def forward_kernel(x_ptr, w_ptr, y_ptr, n_out, out_h, out_w, in_h, in_w, channels,
                    sx_b, sx_c, sx_h, sx_w, sy_b, sy_c, sy_h, sy_w,
                    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -45,12 +51,12 @@ def forward_kernel(x_ptr, w_ptr, y_ptr, n_out, out_h, out_w, in_h, in_w, channel
         for kw in tl.static_range(KERNEL):
             iw = ow * STRIDE - PADDING + kw
             tap_ok = row_ok & (iw >= 0) & (iw < in_w)
-            x = tl.load(x_ptr + (b * sx_b + ih * sx_h + iw * sx_w)[:, None] + c[None, :] * sx_c,
+            x = tl.load(x_ptr + tile_offsets(b, ih, iw, c, sx_b, sx_c, sx_h, sx_w),
                         mask=tap_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
             w = tl.load(w_ptr + c * TAPS + (kh * KERNEL + kw), mask=c_ok, other=0.0).to(tl.float32)
             acc += x * w[None, :]
-    target = y_ptr + (b * sy_b + oh * sy_h + ow * sy_w)[:, None] + c[None, :] * sy_c
-    tl.store(target, acc.to(y_ptr.dtype.element_ty), mask=ok[:, None] & c_ok[None, :])
+    tl.store(y_ptr + tile_offsets(b, oh, ow, c, sy_b, sy_c, sy_h, sy_w), acc.to(y_ptr.dtype.element_ty),
+             mask=ok[:, None] & c_ok[None, :])
 
 
 @triton.jit
@@ -71,12 +77,12 @@ def input_grad_kernel(gy_ptr, w_ptr, gx_ptr, n_in, in_h, in_w, out_h, out_w, cha
             kw = (iw + PADDING) % STRIDE + STRIDE * tw
             ow = (iw + PADDING - kw) // STRIDE
             tap_ok = (row_ok & (ow >= 0) & (ow < out_w))[:, None] & c_ok[None, :]
-            g = tl.load(gy_ptr + (b * sg_b + oh * sg_h + ow * sg_w)[:, None] + c[None, :] * sg_c,
-                        mask=tap_ok, other=0.0).to(tl.float32)
+            g = tl.load(gy_ptr + tile_offsets(b, oh, ow, c, sg_b, sg_c, sg_h, sg_w), mask=tap_ok,
+                        other=0.0).to(tl.float32)
             w = tl.load(w_ptr + c[None, :] * TAPS + (kh * KERNEL + kw)[:, None], mask=tap_ok, other=0.0)
             acc += g * w.to(tl.float32)
-    target = gx_ptr + (b * sx_b + ih * sx_h + iw * sx_w)[:, None] + c[None, :] * sx_c
-    tl.store(target, acc.to(gx_ptr.dtype.element_ty), mask=ok[:, None] & c_ok[None, :])
+    tl.store(gx_ptr + tile_offsets(b, ih, iw, c, sx_b, sx_c, sx_h, sx_w), acc.to(gx_ptr.dtype.element_ty),
+             mask=ok[:, None] & c_ok[None, :])
 
 
 @triton.jit
@@ -92,8 +98,8 @@ def weight_grad_kernel(x_ptr, gy_ptr, partial_ptr, n_out, out_h, out_w, in_h, in
     acc = tl.zeros((BLOCK_P, TAPS, BLOCK_C), dtype=tl.float32)
     for i in range(0, blocks_per_program):
         ok, ow, oh, b = pixel_block(tl.program_id(0) * blocks_per_program + i, n_out, out_w, out_h, BLOCK_P)
-        g = tl.load(gy_ptr + (b * sg_b + oh * sg_h + ow * sg_w)[:, None] + c[None, :] * sg_c,
-                    mask=ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+        g = tl.load(gy_ptr + tile_offsets(b, oh, ow, c, sg_b, sg_c, sg_h, sg_w), mask=ok[:, None] & c_ok[None, :],
+                    other=0.0).to(tl.float32)
         ih = (oh * STRIDE - PADDING)[:, None] + kh[None, :]  # [pixels, taps]
         iw = (ow * STRIDE - PADDING)[:, None] + kw[None, :]
         tap_ok = ok[:, None] & (ih >= 0) & (ih < in_h) & (iw >= 0) & (iw < in_w)

@@ -6,39 +6,25 @@ The dense form runs here. The Triton kernels run in Triton's CPU interpreter, in
 and gradients; the references are computed here from the same inputs. The subprocess takes about
 7 s of CPU (10 s wall on two busy cores), hence the slow mark on the tests that read it.
 """
-import argparse
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from cli.builders import resolve_fast_paths
-from cli.options import add_runtime_args
 from model import build_discriminator
+from model import depthwise
 from model.depthwise import BLOCK_CHANNELS, BLOCK_PIXELS, WEIGHT_BLOCK_PIXELS, block_diagonal, set_depthwise
 from uda.adversarial import build_discriminator_parts
+from tests.helpers import compile_for_hopper, kernels_to_compile, run_in_triton_interpreter, runtime_args
 from utils import triton_support
 from utils.errors import OptionError
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="module")
-def interpreted():
+def interpreted(tmp_path_factory):
     """What tests/depthwise_cases.py computed with the kernels in Triton's interpreter."""
     pytest.importorskip("triton")
-    import tempfile
-    with tempfile.TemporaryDirectory() as folder:
-        out = Path(folder) / "cases.pt"
-        env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-        done = subprocess.run([sys.executable, str(ROOT / "tests" / "depthwise_cases.py"), str(out)], cwd=ROOT,
-                              env=env, capture_output=True, text=True, timeout=240)
-        assert done.returncode == 0, done.stderr[-3000:]
-        return torch.load(out, weights_only=False)
+    return run_in_triton_interpreter("depthwise_cases.py", tmp_path_factory.mktemp("depthwise") / "cases.pt")
 
 
 def _reference(x, weight, upstream):
@@ -177,31 +163,25 @@ def test_set_depthwise_refuses_an_unknown_implementation():
         set_depthwise(build_discriminator("dsc", num_classes=5), "auto")
 
 
-def _runtime_args(*argv):
-    parser = argparse.ArgumentParser()
-    add_runtime_args(parser)
-    return parser.parse_args(list(argv))
-
-
 def test_depthwise_is_native_by_default_and_triton_needs_cuda_and_triton(monkeypatch):
     # The scripts' refusal (one error line, exit 2, before any work): tests/test_exits.py, "depthwise triton on the CPU".
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)  # restored after
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert resolve_fast_paths(_runtime_args(), cpu).depthwise == "native"
-    assert resolve_fast_paths(_runtime_args(), cuda).depthwise == "native"  # auto: nothing timed on a GPU yet
-    assert resolve_fast_paths(_runtime_args("--depthwise", "dense"), cpu).depthwise == "dense"
+    assert resolve_fast_paths(runtime_args(), cpu).depthwise == "native"
+    assert resolve_fast_paths(runtime_args(), cuda).depthwise == "native"  # auto: nothing timed on a GPU yet
+    assert resolve_fast_paths(runtime_args("--depthwise", "dense"), cpu).depthwise == "dense"
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(OptionError, match="--depthwise triton: .*CUDA"):
-        resolve_fast_paths(_runtime_args("--depthwise", "triton"), cpu)
+        resolve_fast_paths(runtime_args("--depthwise", "triton"), cpu)
     monkeypatch.setattr(triton_support, "triton_available", lambda: True)
-    assert resolve_fast_paths(_runtime_args("--depthwise", "triton"), cuda).depthwise == "triton"
+    assert resolve_fast_paths(runtime_args("--depthwise", "triton"), cuda).depthwise == "triton"
     monkeypatch.setattr(triton_support, "triton_available", lambda: False)
     with pytest.raises(OptionError, match="--depthwise triton: .*Triton"):
-        resolve_fast_paths(_runtime_args("--depthwise", "triton"), cuda)
+        resolve_fast_paths(runtime_args("--depthwise", "triton"), cuda)
 
 
 def test_build_discriminator_parts_applies_the_depthwise_choice():
-    args = _runtime_args("--depthwise", "dense")
+    args = runtime_args("--depthwise", "dense")
     args.discriminator, args.optimizer_d, args.learning_rate_d, args.momentum = "dsc", "adam", 1e-4, 0.9
     discriminator, _, _ = build_discriminator_parts(resolve_fast_paths(args, torch.device("cpu")), torch.device("cpu"), 5)
     layers = [discriminator.conv1.depthwise, discriminator.conv4.depthwise, discriminator.classifier.depthwise]
@@ -216,30 +196,11 @@ FLOAT32_POINTERS = ("w_ptr", "partial_ptr")
 def test_kernels_compile_for_a_hopper_gpu_without_one(tmp_path, monkeypatch):
     # The interpreter forgives what the compiler refuses (types, constexprs): each kernel is compiled
     # here down to an sm_90 cubin (H100/H200), for bf16 activations (the CUDA default's autocast).
-    pytest.importorskip("triton")
-    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    kernels = kernels_to_compile(depthwise._kernels, monkeypatch, tmp_path)
 
-    from model import depthwise
-
-    kernels = depthwise._kernels()
-    if not hasattr(kernels.forward_kernel, "arg_names"):
-        pytest.skip("the kernels were imported in interpreter mode")
+    def argument_type(name):
+        return ("*fp32" if name in FLOAT32_POINTERS else "*bf16") if name.endswith("_ptr") else "i32"
     for kernel, block_p in ((kernels.forward_kernel, BLOCK_PIXELS), (kernels.input_grad_kernel, BLOCK_PIXELS),
                             (kernels.weight_grad_kernel, WEIGHT_BLOCK_PIXELS)):
-        blocks = {"BLOCK_P": block_p, "BLOCK_C": BLOCK_CHANNELS}
-        names = kernel.arg_names
-        signature = {name: "constexpr" if name in blocks else ("*fp32" if name in FLOAT32_POINTERS else "*bf16")
-                     if name.endswith("_ptr") else "i32" for name in names}
-        source = ASTSource(fn=kernel, signature=signature,
-                           constexprs={(names.index(name),): blocks[name] for name in names if name in blocks})
-        try:
-            compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-        except RuntimeError as error:
-            if "ptxas" in str(error).lower():
-                pytest.skip(f"no ptxas: {error}")
-            raise
-        assert compiled.asm["cubin"], kernel.__name__
+        assert compile_for_hopper(kernel, argument_type, {"BLOCK_P": block_p, "BLOCK_C": BLOCK_CHANNELS}), \
+            kernel.__name__
