@@ -23,6 +23,7 @@ from engine.data import BatchStream, eval_loader
 from engine.fused_loss import fused_loss_unavailable
 from utils.distributed import configure_batchnorm
 from utils.errors import OptionError
+from utils.triton_support import triton_unavailable
 
 REPORT_SOURCE_SIZE = (720, 1280)   # (height, width), GTA5 as trained in the report
 REPORT_TARGET_SIZE = (512, 1024)   # Cityscapes
@@ -128,7 +129,7 @@ def resolve_fast_paths(args, device):
     --classifier-first and --matmul-resize (training scripts) change the rounding, so they are on for
     CUDA only: the CPU runs, and the committed CPU results, stay bit for bit what they were.
     --fused-loss (off by default: never run on a GPU yet) needs CUDA and Triton: ``on`` without them
-    is an OptionError, before any work.
+    is an OptionError, before any work; so does --depthwise triton (``resolve_depthwise``).
     """
     levers = (("classifier_first", ("cuda",)), ("matmul_resize", ("cuda",)))
     if hasattr(args, "fused_loss"):
@@ -137,6 +138,8 @@ def resolve_fast_paths(args, device):
         if unavailable and args.fused_loss == "on":
             raise OptionError(f"--fused-loss on: {unavailable}; use --fused-loss off (or auto)")
         args.fused_loss = "off" if unavailable or args.fused_loss == "off" else "on"
+    if hasattr(args, "depthwise"):
+        resolve_depthwise(args, device)
     for flag, devices in (("channels_last", ("cuda", "cpu")), ("compile", ("cuda",)),
                           *((flag, on) for flag, on in levers if hasattr(args, flag))):
         value = getattr(args, flag, "off")
@@ -147,6 +150,18 @@ def resolve_fast_paths(args, device):
         args.compile_cache = configure_compile_cache(getattr(args, "compile_cache", None))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
+    return args
+
+
+def resolve_depthwise(args, device):
+    """--depthwise: auto is native (neither alternative has been timed on a GPU yet); triton needs
+    CUDA and Triton, else an OptionError before any work."""
+    if args.depthwise == "triton":
+        unavailable = triton_unavailable(device)
+        if unavailable:
+            raise OptionError(f"--depthwise triton: {unavailable}; use --depthwise native or dense")
+    if args.depthwise == "auto":
+        args.depthwise = "native"
     return args
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from dataset.labels import NUM_CLASSES
 from dataset.normalization import CONVENTIONS
 from model.bisenet import CONTEXT_PATHS
+from model.depthwise import DEPTHWISE_IMPLEMENTATIONS
 from engine.optim import OPTIMIZERS
 from engine.precision import AMP_CHOICES
 from utils.errors import OptionError
@@ -177,6 +178,11 @@ def add_runtime_args(parser):
                             "each head's low-resolution logits, gathering backward): the same function in float32, "
                             "other rounding; CUDA and Triton only. Never run on a GPU yet, hence off by default "
                             "(auto: on for CUDA with Triton; docs/speed.md)")
+    group.add_argument("--depthwise", default="auto", choices=("auto", *DEPTHWISE_IMPLEMENTATIONS),
+                       help="the DSC discriminator's depthwise convolutions: native (PyTorch's grouped kernels), "
+                            "dense (one block-diagonal dense convolution: the same function, other rounding; TF32 "
+                            "under fp32 on a GPU), triton (NHWC Triton kernels, CUDA and Triton only: the same "
+                            "function in float32, other rounding). auto = native until timed on a GPU; docs/speed.md")
     group.add_argument("--seed", type=int, default=0, help="random seed")
     group.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
     group.add_argument("--sync-bn", action="store_true",

@@ -27,11 +27,11 @@ Triton's interpreter (``TRITON_INTERPRET=1``, tests/test_fused_loss.py); the fla
 Triton is imported on first use, so machines without it never import it.
 """
 import functools
-import os
 
 import torch
 
 from dataset.labels import IGNORE_INDEX
+from utils.triton_support import interpreted, triton_unavailable
 
 # Items per program on a GPU; tiles are [items, K padded to a power of two], float32. Not timed (no
 # device yet): chosen so that ptxas (sm_90, 4 warps, K = 19, bf16 logits) neither spills nor needs
@@ -43,31 +43,9 @@ BLOCK_ROW_PASS = 32      # backward, second pass: low-resolution pixels
 INTERPRETER_BLOCK = 4096
 
 
-def triton_available():
-    """Whether Triton can be imported (the kernels' only requirement besides a CUDA device)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def interpreted():
-    """Whether Triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1: the tests)."""
-    try:
-        from triton import knobs  # Triton >= 3.4: the setting, however it was made
-    except ImportError:
-        return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
-    return bool(knobs.runtime.interpret)
-
-
 def fused_loss_unavailable(device):
     """Why the fused loss cannot run on ``device`` (a sentence), or None when it can."""
-    if not triton_available():
-        return "it needs Triton, which is not installed"
-    if torch.device(device).type != "cuda" and not interpreted():
-        return f"its Triton kernels need a CUDA device (got {torch.device(device).type})"
-    return None
+    return triton_unavailable(device)
 
 
 @functools.lru_cache(maxsize=64)

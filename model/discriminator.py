@@ -9,9 +9,9 @@ attribute names (conv1..conv4, classifier) so its state_dicts are interchangeabl
 from torch import nn
 
 from dataset.labels import NUM_CLASSES
+from model.depthwise import KERNEL_SIZE, PADDING, STRIDE, DepthwiseConv  # 4, 2, 1: each layer halves the resolution
 from model.resize import BilinearResize
 
-KERNEL_SIZE, STRIDE, PADDING = 4, 2, 1  # each layer halves the resolution
 LEAKY_SLOPE = 0.2
 STRIDED_LAYERS = 5
 # Smallest input side: the fifth 4x4 convolution needs a 2-pixel input (4 with its padding).
@@ -55,12 +55,13 @@ class FCDiscriminator(_PatchDiscriminator):
 
 
 class DepthwiseSeparableConv(nn.Sequential):
-    """Depthwise 4x4 stride-2 conv (one filter per channel) then pointwise 1x1 conv; no biases."""
+    """Depthwise 4x4 stride-2 conv (one filter per channel) then pointwise 1x1 conv; no biases.
+    The depthwise one runs natively, as one dense convolution or by Triton kernels
+    (``model.depthwise.set_depthwise``, --depthwise); same parameters either way."""
 
     def __init__(self, in_channels, out_channels):
         super().__init__()
-        self.depthwise = nn.Conv2d(in_channels, in_channels, KERNEL_SIZE, STRIDE, PADDING,
-                                   groups=in_channels, bias=False)
+        self.depthwise = DepthwiseConv(in_channels)
         self.pointwise = nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False)
 
 

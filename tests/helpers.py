@@ -93,3 +93,62 @@ def finish(process):
         process.wait()
         raise
     return process.returncode, process.logs[0].read_text(), process.logs[1].read_text()
+
+
+def run_in_triton_interpreter(cases_script, out):
+    """What ``tests/<cases_script> OUT`` saved, run in a subprocess with TRITON_INTERPRET=1 (set before
+    Triton is imported: ``triton.jit`` reads it when a kernels' module is imported)."""
+    import torch
+
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, str(REPO / "tests" / cases_script), str(out)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT_S)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return torch.load(out, weights_only=False)
+
+
+def compile_for_hopper(kernel, argument_type, blocks):
+    """The sm_90 (H100/H200) cubin of a Triton kernel, compiled without a GPU: ``blocks`` are its
+    constexpr arguments, ``argument_type(name)`` the type of each other one ("*bf16", "i32", ...).
+    Skips the test where Triton has no ptxas."""
+    import pytest
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = kernel.arg_names
+    signature = {name: "constexpr" if name in blocks else argument_type(name) for name in names}
+    source = ASTSource(fn=kernel, signature=signature,
+                       constexprs={(names.index(name),): blocks[name] for name in names if name in blocks})
+    try:
+        return triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["cubin"]
+    except RuntimeError as error:
+        if "ptxas" in str(error).lower():
+            pytest.skip(f"no ptxas: {error}")
+        raise
+
+
+def runtime_args(*argv):
+    """``argv`` parsed by a parser holding only the scripts' runtime options (cli.options.add_runtime_args)."""
+    import argparse
+
+    from cli.options import add_runtime_args
+
+    parser = argparse.ArgumentParser()
+    add_runtime_args(parser)
+    return parser.parse_args(list(argv))
+
+
+def kernels_to_compile(load_kernels, monkeypatch, cache_dir):
+    """A Triton kernels' module (``load_kernels()``) for ``compile_for_hopper``: Triton's cache in
+    ``cache_dir``, the interpreter off; skips without Triton or when the module was already imported in
+    interpreter mode."""
+    import pytest
+
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(cache_dir))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    kernels = load_kernels()
+    if not hasattr(kernels.forward_kernel, "arg_names"):
+        pytest.skip("the kernels were imported in interpreter mode")
+    return kernels

@@ -154,6 +154,14 @@ def test_training_levers_are_measured_one_by_one_from_the_naive_baseline():
     assert fused.key == "fused_loss" and _levers(fused) == (True, True, True, True)
     assert dataclasses.replace(fused, key="ours", label=TRAIN_SCRIPTS_CUDA.label, fused_loss=False) == TRAIN_SCRIPTS_CUDA
     assert not any(config.fused_loss for config in CPU_TRAIN_LEVERS)  # Triton kernels: CUDA only
+    # --depthwise dense and triton, each on ours alone, after it on CUDA; only dense on the CPU (Triton: CUDA only).
+    depthwise = {config.depthwise: config for config in CUDA_TRAIN_LEVERS if config.depthwise != "native"}
+    assert depthwise.keys() == {"dense", "triton"}
+    for name, config in depthwise.items():
+        assert keys.index(config.key) > keys.index("ours") and config.key == f"ours_depthwise_{name}"
+        assert dataclasses.replace(config, key="ours", label=TRAIN_SCRIPTS_CUDA.label, depthwise="native") \
+            == TRAIN_SCRIPTS_CUDA
+    assert {config.depthwise for config in CPU_TRAIN_LEVERS} == {"native", "dense"}
 
     bench = SimpleNamespace(device=torch.device("cpu"))
     cuda_levers_on_the_cpu = dataclasses.replace(TRAIN_SCRIPTS_CUDA, amp="off")
@@ -162,6 +170,30 @@ def test_training_levers_are_measured_one_by_one_from_the_naive_baseline():
     assert not model.fused_loss
     _, model, *_ = build_training(bench, "resnet18", "dsc", dataclasses.replace(fused, amp="off"))
     assert model.fused_loss
+    _, _, discriminator, *_ = build_training(bench, "resnet18", "dsc", dataclasses.replace(depthwise["dense"], amp="off"))
+    assert discriminator.conv1.depthwise.implementation == discriminator.classifier.depthwise.implementation == "dense"
     _, model, discriminator, *_ = build_training(bench, "resnet18", "dsc", TRAIN_NAIVE_CPU)
     assert not (model.skip_unread_aux or model.classifier_first or model.resize.matmul or discriminator.upsample.matmul
                 or model.fused_loss)
+    assert discriminator.conv1.depthwise.implementation == "native"
+
+
+def test_depthwise_entries_record_their_deviation_from_the_native_discriminator(monkeypatch):
+    """The depthwise entries check, on the bench's device, that the timed implementation computes the
+    native function: dense is within float32 rounding on the CPU; a wrong implementation (the dense
+    convolution doubled) shows as an output off by the whole native value."""
+    from types import SimpleNamespace
+
+    from bench.speedbench.training import depthwise_deviation
+    from engine.precision import Precision
+    from model import build_discriminator
+    from model.depthwise import block_diagonal
+
+    bench = SimpleNamespace(device=torch.device("cpu"), profile=SimpleNamespace(train_batch=1, train_target=(32, 64)))
+    discriminator = build_discriminator("dsc", num_classes=5)
+    precision = Precision(torch.device("cpu"), "off")
+    deviation = depthwise_deviation(bench, discriminator, "dense", precision)
+    assert deviation["output"] < 1e-6 and deviation["grads"] < 1e-5
+    assert discriminator.conv1.depthwise.implementation == "dense" and discriminator.conv1.depthwise.weight.grad is None
+    monkeypatch.setattr("model.depthwise.block_diagonal", lambda weight: 2 * block_diagonal(weight))
+    assert depthwise_deviation(bench, discriminator, "dense", precision)["output"] > 0.5

@@ -183,6 +183,8 @@ START_ERRORS = {
                         "--amp fp16 needs a CUDA device"),
     "fused loss on the CPU": (lambda d, t: ["--data-root", d, "--device", "cpu", "--fused-loss", "on"],
                               "--fused-loss on: its Triton kernels need a CUDA device (got cpu)"),
+    "depthwise triton on the CPU": (lambda d, t: ["--data-root", d, "--device", "cpu", "--depthwise", "triton"],
+                                    "--depthwise triton: its Triton kernels need a CUDA device (got cpu)"),
     "cuda without a GPU": (lambda d, t: ["--data-root", d, "--device", "cuda"],
                            "--device cuda: CUDA is not available on this machine"),
 }

@@ -6,9 +6,6 @@ TRITON_INTERPRET=1 set before Triton is imported) that saves its losses and grad
 references are computed here. The subprocess takes about 8 s of CPU (15-20 s wall on two busy
 cores), hence the slow mark on the tests that read it.
 """
-import argparse
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,12 +14,13 @@ import torch
 import torch.nn.functional as F
 
 from cli.builders import resolve_fast_paths
-from cli.options import add_runtime_args
 from engine import fused_loss
 from engine.fused_loss import axis_tables
 from engine.steps import segmentation_loss
 from model import build_bisenet
 from model.resize import interpolation_matrix
+from tests.helpers import compile_for_hopper, kernels_to_compile, run_in_triton_interpreter, runtime_args
+from utils import triton_support
 from utils.errors import OptionError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,12 +31,7 @@ IGNORE = 255
 def interpreted(tmp_path_factory):
     """What tests/fused_loss_cases.py computed with the kernels in Triton's interpreter."""
     pytest.importorskip("triton")
-    out = tmp_path_factory.mktemp("fused_loss") / "cases.pt"
-    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, str(ROOT / "tests" / "fused_loss_cases.py"), str(out)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return torch.load(out, weights_only=False)
+    return run_in_triton_interpreter("fused_loss_cases.py", tmp_path_factory.mktemp("fused_loss") / "cases.pt")
 
 
 def _reference(logits, labels, upstream=1.0):
@@ -142,32 +135,16 @@ def test_kernels_compile_for_a_hopper_gpu_without_one(tmp_path, monkeypatch):
     # tuples returned by helpers): each kernel is compiled here down to an sm_90 cubin (H100/H200),
     # for bf16 logits (the CUDA default's autocast).
     dtype = "bf16"
-    pytest.importorskip("triton")
-    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    kernels = kernels_to_compile(fused_loss._kernels, monkeypatch, tmp_path)
 
-    kernels = fused_loss._kernels()
-    if not hasattr(kernels.forward_kernel, "arg_names"):
-        pytest.skip("the kernels were imported in interpreter mode")
+    def argument_type(name):
+        return INDEX_POINTERS.get(name, f"*{dtype}" if name in ("logits_ptr", "grad_ptr")
+                                  else "*fp32" if name.endswith("_ptr") else "i32")
     for kernel, blocks in ((kernels.forward_kernel, {"BLOCK_P": fused_loss.BLOCK_PIXELS}),
                            (kernels.column_pass_kernel, {"BLOCK_Q": fused_loss.BLOCK_COLUMN_PASS}),
                            (kernels.row_pass_kernel, {"BLOCK_Q": fused_loss.BLOCK_ROW_PASS})):
         blocks["BLOCK_K"] = 32  # 19 classes
-        names = kernel.arg_names
-        signature = {name: "constexpr" if name in blocks else INDEX_POINTERS.get(name, f"*{dtype}" if name in (
-            "logits_ptr", "grad_ptr") else "*fp32" if name.endswith("_ptr") else "i32") for name in names}
-        source = ASTSource(fn=kernel, signature=signature,
-                           constexprs={(names.index(name),): blocks[name] for name in names if name in blocks})
-        try:
-            compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
-        except RuntimeError as error:
-            if "ptxas" in str(error).lower():
-                pytest.skip(f"no ptxas: {error}")
-            raise
-        assert compiled.asm["cubin"], kernel.__name__
+        assert compile_for_hopper(kernel, argument_type, blocks), kernel.__name__
 
 
 @pytest.mark.parametrize("in_size,out_size", [(6, 48), (7, 56), (5, 17), (9, 4), (3, 3), (1, 5), (160, 1280)])
@@ -187,24 +164,18 @@ def test_axis_tables_are_interpolates_weights_and_cover_every_reader(in_size, ou
     assert max_count == int(count.max())
 
 
-def _runtime_args(*argv):
-    parser = argparse.ArgumentParser()
-    add_runtime_args(parser)
-    return parser.parse_args(list(argv))
-
-
 def test_fused_loss_is_off_by_default_and_on_needs_cuda_and_triton(monkeypatch):
     # The scripts' refusal (one error line, exit 2, before any work): tests/test_exits.py, "fused loss on the CPU".
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", torch.backends.cudnn.benchmark)  # restored after
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert resolve_fast_paths(_runtime_args(), cpu).fused_loss == "off"
-    assert resolve_fast_paths(_runtime_args("--fused-loss", "auto"), cpu).fused_loss == "off"
+    assert resolve_fast_paths(runtime_args(), cpu).fused_loss == "off"
+    assert resolve_fast_paths(runtime_args("--fused-loss", "auto"), cpu).fused_loss == "off"
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(OptionError, match="--fused-loss on: .*CUDA"):
-        resolve_fast_paths(_runtime_args("--fused-loss", "on"), cpu)
-    monkeypatch.setattr(fused_loss, "triton_available", lambda: True)
-    assert resolve_fast_paths(_runtime_args("--fused-loss", "auto"), cuda).fused_loss == "on"
-    monkeypatch.setattr(fused_loss, "triton_available", lambda: False)
-    assert resolve_fast_paths(_runtime_args("--fused-loss", "auto"), cuda).fused_loss == "off"
+        resolve_fast_paths(runtime_args("--fused-loss", "on"), cpu)
+    monkeypatch.setattr(triton_support, "triton_available", lambda: True)
+    assert resolve_fast_paths(runtime_args("--fused-loss", "auto"), cuda).fused_loss == "on"
+    monkeypatch.setattr(triton_support, "triton_available", lambda: False)
+    assert resolve_fast_paths(runtime_args("--fused-loss", "auto"), cuda).fused_loss == "off"
     with pytest.raises(OptionError, match="--fused-loss on: .*Triton"):
-        resolve_fast_paths(_runtime_args("--fused-loss", "on"), cuda)
+        resolve_fast_paths(runtime_args("--fused-loss", "on"), cuda)

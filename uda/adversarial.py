@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from model import build_discriminator
+from model.depthwise import set_depthwise
 from model.resize import set_matmul_resize
 from engine.optim import build_optimizer
 from engine.steps import (check_finite, forward_heads, main_output, segmentation_loss, set_requires_grad, unwrap)
@@ -27,6 +28,7 @@ def build_discriminator_parts(args, device, num_classes):
         return None, None, None
     discriminator = build_discriminator(args.discriminator, num_classes=num_classes).to(device)
     set_matmul_resize(discriminator, getattr(args, "matmul_resize", "off") == "on")  # its x32 output upsampling
+    set_depthwise(discriminator, getattr(args, "depthwise", "native"))  # DSC's depthwise convolutions (--depthwise)
     optimizer = build_optimizer(args.optimizer_d, discriminator.parameters(), args.learning_rate_d,
                                 weight_decay=0.0 if args.optimizer_d != "sgd" else None, momentum=args.momentum)
     return discriminator, optimizer, {"name": args.discriminator, "num_classes": num_classes}

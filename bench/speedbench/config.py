@@ -186,6 +186,7 @@ class TrainConfig:
     classifier_first: bool = False  # --classifier-first: 1x1 classifier before the x8 upsampling
     matmul_resize: bool = False    # --matmul-resize: bilinear resizing as two matrix products (+ discriminator)
     fused_loss: bool = False       # --fused-loss: Triton upsample + log-softmax + NLL of the low-res heads (CUDA)
+    depthwise: str = "native"      # --depthwise: DSC's depthwise convolutions native, dense (block-diagonal) or triton
 
 
 TRAIN_NAIVE_CUDA = TrainConfig("naive", "naive: fp16 autocast + 2 GradScalers, NCHW, for-loop optimizers", "fp16")
@@ -208,6 +209,12 @@ CUDA_TRAIN_LEVERS = (
     # Opt-in (--fused-loss, off by default until it has run on a GPU): ours + the fused loss kernel.
     TrainConfig("fused_loss", "ours + fused upsample/log-softmax/NLL (Triton, --fused-loss on)", **CUDA_LEVERS,
                 fused_loss=True),
+    # --depthwise (native by default until timed here): ours with DSC's depthwise convolutions as one
+    # block-diagonal dense convolution, then by the NHWC Triton kernels.
+    TrainConfig("ours_depthwise_dense", "ours + depthwise as one block-diagonal dense conv (--depthwise dense)",
+                **CUDA_LEVERS, depthwise="dense"),
+    TrainConfig("ours_depthwise_triton", "ours + depthwise by NHWC Triton kernels (--depthwise triton)", **CUDA_LEVERS,
+                depthwise="triton"),
     TrainConfig("ours_d_cl", "ours + discriminator channels_last", **CUDA_LEVERS, discriminator_channels_last=True),
     TrainConfig("ours_foreach", "ours with foreach optimizers instead of fused", **dict(CUDA_LEVERS, optimizer="foreach")),
     TrainConfig("ours_no_sync", "ours without the per-step finiteness checks (3 host syncs; bench-only patch)",
@@ -224,6 +231,8 @@ CPU_TRAIN_LEVERS = (TRAIN_NAIVE_CPU, TRAIN_FAST_PATHS_CPU, TRAIN_SCRIPTS_CPU,
                                 **CPU_FAST_PATHS, skip_unread_aux=True, classifier_first=True),
                     TrainConfig("matmul_resize", "+ matmul resize (opt-in here)", **CPU_FAST_PATHS,
                                 skip_unread_aux=True, classifier_first=True, matmul_resize=True),
+                    TrainConfig("depthwise_dense", "ours + depthwise as one block-diagonal dense conv (opt-in)",
+                                **CPU_FAST_PATHS, skip_unread_aux=True, depthwise="dense"),
                     TrainConfig("nchw", "ours in NCHW (--channels-last off)", optimizer="fused", skip_unread_aux=True),
                     TrainConfig("foreach", "ours with foreach optimizers instead of fused", channels_last=True,
                                 optimizer="foreach", skip_unread_aux=True))

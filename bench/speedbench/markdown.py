@@ -83,8 +83,11 @@ def _training_lines(section):
         spread = f"{entry['p10_ms']:.4g}-{entry['p90_ms']:.4g}" if entry.get("p10_ms") else "-"
         compile_s = "-" if "compile_cold_s" not in entry else \
             f"{fmt(entry['compile_cold_s'], 3)} / {fmt(entry.get('compile_warm_s'), 3)}"
+        deviation = entry.get("depthwise_deviation")
+        note = _status(entry) or (f"vs native depthwise: output {deviation['output']:.1e}, gradients "
+                                  f"{deviation['grads']:.1e} of the largest value" if deviation else "")
         rows.append((pair, config, fmt(ms), spread, fmt(speedup, 3), fmt(entry.get("peak_memory_gib"), 3), compile_s,
-                     _status(entry)))
+                     note))
     lines = ["## Training (one adversarial iteration)", ""]
     lines += _table(("pair", "configuration", "median ms", "p10-p90 ms", "x naive", "peak GiB",
                      "compile s cold / warm", "note"), rows)

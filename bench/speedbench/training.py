@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from model import build_bisenet, build_discriminator
+from model.depthwise import set_depthwise
 from model.resize import set_matmul_resize
 from uda.adversarial import DEFAULT_LAMBDA_ADV, DEFAULT_LR_D
 from utils.benchmark import time_callable
@@ -45,6 +46,7 @@ def build_training(bench, context_path, discriminator_name, config, seed=0):
     model.set_speed_levers(skip_unread_aux=config.skip_unread_aux, classifier_first=config.classifier_first,
                            matmul_resize=config.matmul_resize, fused_loss=config.fused_loss)
     discriminator = set_matmul_resize(build_discriminator(discriminator_name).to(device), config.matmul_resize)
+    set_depthwise(discriminator, config.depthwise)
     if config.discriminator_channels_last:
         discriminator = discriminator.to(memory_format=torch.channels_last)
     model.train()
@@ -75,6 +77,8 @@ def measure_training(bench, context_path, discriminator_name, config):
                              source, labels, target, lambda_adv=DEFAULT_LAMBDA_ADV)
 
         result = {}
+        if config.depthwise != "native":
+            result["depthwise_deviation"] = depthwise_deviation(bench, discriminator, config.depthwise, precision)
         with cudnn_flags(benchmark=config.cudnn_benchmark), finite_checks(config.finite_checks):
             if bench.cuda:
                 synchronize(device)
@@ -91,6 +95,33 @@ def measure_training(bench, context_path, discriminator_name, config):
                 result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / GIB
     result.update(quantiles(samples), runs=p.train_runs, warmup=p.train_warmup, precision=precision.mode)
     return result
+
+
+def depthwise_deviation(bench, discriminator, implementation, precision):
+    """How far the discriminator with ``implementation`` of its depthwise convolutions is from the
+    native one on this device, under the entry's autocast: the largest difference of its output, and
+    of any parameter's gradient (of the mean squared output), over the largest native value, on one
+    batch of random softmax maps at the target size. A check that the timed kernels compute the same
+    function (the tests run them on the CPU only); the discriminator is left with ``implementation`` and no gradients."""
+    p = bench.profile
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(p.train_batch, discriminator.num_classes, *p.train_target, generator=generator)
+    maps = logits.softmax(dim=1).to(bench.device).contiguous(memory_format=torch.channels_last)
+    computed = {}
+    for name in ("native", implementation):
+        set_depthwise(discriminator, name)
+        discriminator.zero_grad(set_to_none=True)
+        with precision.autocast():
+            output = discriminator(maps)
+        output.float().square().mean().backward()
+        computed[name] = (output.detach().float(), [p.grad.float() for p in discriminator.parameters()])
+    discriminator.zero_grad(set_to_none=True)
+    (native_out, native_grads), (out, grads) = computed["native"], computed[implementation]
+
+    def relative(a, b):
+        return float((a - b).abs().max() / b.abs().max().clamp(min=1e-30))
+    return {"output": relative(out, native_out), "grads": max(relative(g, n) for g, n in zip(grads, native_grads)),
+            "reference": "native depthwise, same autocast"}
 
 
 def _first_step(step, device):
@@ -132,7 +163,7 @@ def _train_settings(bench, context_path, discriminator, config):
             "cudnn_benchmark": config.cudnn_benchmark, "optimizers": config.optimizer,
             "compile": config.compile or "off", "finite_checks": config.finite_checks,
             "skip_unread_aux": config.skip_unread_aux, "classifier_first": config.classifier_first,
-            "matmul_resize": config.matmul_resize, "fused_loss": config.fused_loss,
+            "matmul_resize": config.matmul_resize, "fused_loss": config.fused_loss, "depthwise": config.depthwise,
             "step": "uda.adversarial.adversarial_step",
             "input": "fixed synthetic scenes already on the device"}
 
