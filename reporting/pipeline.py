@@ -80,8 +80,8 @@ class Settings:
     def val_interval(self, iterations):
         """Every ``val_every`` iterations, and always at the end. A fine-tuning stage shorter than
         that is validated at its end only: its curve starts at its parent's last point, so it is
-        still a line. Each validation with its checkpoints costs about 5-6 s on 2 CPU cores (13 of
-        them a run, 23 before), and none changes the training (tests/test_training.py)."""
+        still a line. Validations cost seconds each on a CPU (with their checkpoints) and none
+        changes the training (tests/test_training.py)."""
         return max(1, min(self.val_every, iterations))
 
     def stage_iterations(self, key):
