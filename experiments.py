@@ -132,7 +132,7 @@ def main(args):
     output_dir.mkdir(parents=True, exist_ok=True)
     device = resolve_device(args.device)
     settings = _settings(args)
-    _data_args(args)  # generates the synthetic benchmark on first use, before any stage starts
+    data = _data_args(args)  # generates the synthetic benchmark on first use, before any stage starts
     seed_dirs = [output_dir / "runs" / f"seed{seed}" for seed in range(args.seeds)]
     started = time.perf_counter()
     stages = [STAGE_BY_KEY[key] for key in selected_stage_keys(args.methods) if key in args.stages]
@@ -140,7 +140,6 @@ def main(args):
     timings = _run_stages(seed_dirs, stages, settings, jobs)
 
     print("\n===== scoring every method on target val =====", flush=True)
-    data = _data_args(args)
     val = target_eval_dataset(data)
     source_val = GTA5Dataset(data.source_root, split=gta5_split(data.source_root, "val"),
                              transform=eval_transform(data.source_size),
