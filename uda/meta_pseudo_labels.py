@@ -54,11 +54,11 @@ from torch import nn
 
 from dataset.labels import IGNORE_INDEX, NUM_CLASSES
 from utils.distributed import get_rank
-from engine.steps import check_finite, main_output, segmentation_loss, set_requires_grad, unwrap
+from engine.steps import check_finite, forward_heads, main_output, segmentation_loss, set_requires_grad, unwrap
+from model.resize import LowResLogits
 from uda.adversarial import SOURCE_DOMAIN, discriminator_step, domain_loss
-from uda.mpl_feedback import mean_over_ranks
-from uda.pseudolabel_stats import (MAX_THRESHOLD, ConfidenceHistogram, apply_thresholds, probability_confidence,
-                                   softmax_confidence)
+from uda.pseudolabel_stats import (MAX_THRESHOLD, ConfidenceHistogram, apply_threshold_bins, device_threshold_bins,
+                                   probability_confidence, softmax_confidence)
 from utils.seed import StepGenerator
 
 DEFAULT_REFRESH = 100          # iterations between threshold refreshes
@@ -117,7 +117,8 @@ class PseudoLabeler(nn.Module):
                 self.histogram.all_reduce_()  # every rank derives the same thresholds
                 self.thresholds.copy_(self.histogram.thresholds(self.max_threshold))
                 self.counts.zero_()
-        return apply_thresholds(pred, conf, self.thresholds).long()
+        # The thresholds' bins on their device: no host sync (they come from the histogram or a validated file).
+        return apply_threshold_bins(pred, conf, device_threshold_bins(self.thresholds)).long()
 
 
 # ---------------------------------------------------------------------------- augmented view
@@ -140,6 +141,13 @@ def augment_view(images, generator):
     view = mean + contrast * (images - mean) + shift + NOISE_STD * std * noise
     flipped = torch.rand(batch, generator=generator, device=images.device) < FLIP_PROBABILITY
     return flip_where(view, flipped), flipped
+
+
+def head_rows(head, rows):
+    """``head[rows]`` (a slice of the batch) of a head's logits, full-resolution or ``LowResLogits``."""
+    if isinstance(head, LowResLogits):
+        return LowResLogits(head.logits[rows], head.size, head.resize)
+    return head[rows]
 
 
 def flip_where(tensor, flipped):
@@ -214,47 +222,55 @@ class MPLStep:
         if self.uda_weight > 0:
             view, flipped = augment_view(target_images, self.view_generator(iteration, target_images.device))
             inputs = torch.cat((target_images, view))
+        all_heads = self.feedback.teacher_target_all_heads
         with precision.autocast():
             # The auxiliary heads only when the rule's pseudo-label CE sums them (course); pham reads main only.
-            outputs = teacher.model(inputs, aux=self.feedback.teacher_target_all_heads)  # heads of [B or 2B, K, H, W]
+            outputs = forward_heads(teacher.model, inputs, aux=all_heads)  # heads of [B or 2B, K, H, W]
         heads = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
-        main = heads[0].float()
-        logits, logits_view = main[:batch], main[batch:]
+        if isinstance(heads[0], LowResLogits):
+            # --fused-loss: the cross-entropies read the low-resolution heads; only the clean half's
+            # main head is upsampled, for the labeler and the discriminator.
+            clean_heads = [head_rows(head, slice(None, batch)) for head in heads]
+            main_loss_input, logits_view = clean_heads[0], head_rows(heads[0], slice(batch, None))
+            logits = clean_heads[0].full().float()
+        else:
+            main = heads[0].float()
+            logits, logits_view = main[:batch], main[batch:]
+            clean_heads, main_loss_input = [head[:batch] for head in heads], logits
         # One float32 softmax for the discriminator's input and the labeler's confidence.
         target_probabilities = F.softmax(logits, dim=1) if frozen_discriminator is not None else None
         pseudo = self.labeler(logits.detach(), iteration,                  # [B, H, W]
                               None if target_probabilities is None else target_probabilities.detach())
-        target_heads = [head[:batch] for head in heads] if self.feedback.teacher_target_all_heads else logits
-        terms = {"t_loss_mpl": segmentation_loss(target_heads, pseudo)}
+        terms = {"t_loss_mpl": segmentation_loss(clean_heads if all_heads else main_loss_input, pseudo)}
         if self.uda_weight > 0:
             terms["t_loss_uda"] = segmentation_loss(logits_view, flip_where(pseudo, flipped))
         if frozen_discriminator is not None:
             with precision.autocast():
                 terms["t_loss_adv"] = domain_loss(frozen_discriminator, target_probabilities, SOURCE_DOMAIN)
-        check_finite(terms)  # before any network is updated
         labeled = (pseudo != IGNORE_INDEX).float()
         kept = labeled.mean()
-        # Decided across ranks, so that every rank runs the same forward and backward passes.
-        any_pseudo = bool(mean_over_ranks(labeled.sum()) > 0)
+        # Before any network is updated; whether any rank has a confident pixel is decided in the same
+        # host sync and collective, so that every rank runs the same forward and backward passes.
+        any_pseudo = check_finite(terms, any_positive=labeled.sum())
 
         # 2. Student step(s) and the coefficient of the teacher's pseudo-label term: the rule's.
         student_losses, coefficient, feedback_logs = self.feedback.student_step(
             student, precision, self.lambda_adv, source_images, source_labels, target_images,
             pseudo if any_pseudo else None, iteration)
 
-        # 3. Teacher update: target terms through the graph of step 1, then its source loss.
-        loss_target = coefficient * terms["t_loss_mpl"]
+        # 3. Teacher update: its source forward, then ONE backward over the target terms (through the
+        # graph of step 1) and its source loss.
+        loss_teacher = coefficient * terms["t_loss_mpl"]
         if "t_loss_uda" in terms:
-            loss_target = loss_target + self.uda_weight_at(iteration) * terms["t_loss_uda"]
+            loss_teacher = loss_teacher + self.uda_weight_at(iteration) * terms["t_loss_uda"]
         if frozen_discriminator is not None:
-            loss_target = loss_target + self.teacher_adversarial_weight * terms["t_loss_adv"]
-        teacher.scaler.scale(loss_target).backward()
-        del outputs, heads, main, target_heads
+            loss_teacher = loss_teacher + self.teacher_adversarial_weight * terms["t_loss_adv"]
         with precision.autocast():
-            source_outputs = teacher.model(source_images)
+            source_outputs = forward_heads(teacher.model, source_images)
             terms["t_loss_seg"] = segmentation_loss(source_outputs, source_labels)
         check_finite({"mpl_coefficient": coefficient, "t_loss_seg": terms["t_loss_seg"]})  # before the teacher's update
-        teacher.scaler.scale(terms["t_loss_seg"]).backward()
+        teacher.scaler.scale(loss_teacher + terms["t_loss_seg"]).backward()
+        del outputs, heads, clean_heads, main_loss_input, logits_view
         source_logits = main_output(source_outputs).detach()
         del source_outputs
         teacher.scaler.step(teacher.optimizer)

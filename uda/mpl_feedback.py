@@ -59,7 +59,7 @@ import torch.distributed as dist
 from torch import nn
 
 from utils.distributed import get_world_size, is_distributed
-from engine.steps import check_finite, segmentation_loss, unwrap
+from engine.steps import check_finite, forward_heads, segmentation_loss, unwrap
 from uda.adversarial import adversarial_step
 
 FEEDBACKS = ("pham", "course")
@@ -97,18 +97,21 @@ def running_stats_frozen(module):
 
 def labeled_loss(model, precision, images, labels):
     """The student's labeled (three-head) loss as its training step sees it, without gradient and
-    without moving its BatchNorm running statistics."""
+    without moving its BatchNorm running statistics. Through ``forward_heads``: with --fused-loss
+    the heads stay at low resolution and the fused kernel computes the loss (no full-resolution
+    logits), as in the training step itself."""
     network = unwrap(model)
     with torch.no_grad(), precision.autocast(), running_stats_frozen(network):
-        return segmentation_loss(network(images), labels).float()
+        return segmentation_loss(forward_heads(network, images), labels).float()
 
 
-def pseudo_label_step(learner, precision, images, pseudo):
-    """One optimizer step of ``learner`` on the target pseudo labels alone; returns the detached loss."""
+def pseudo_label_step(learner, precision, images, pseudo, checked=None):
+    """One optimizer step of ``learner`` on the target pseudo labels alone; returns the detached loss.
+    ``checked``: more values to check finite in the same sync, before the update."""
     learner.optimizer.zero_grad(set_to_none=True)
     with precision.autocast():
-        loss = segmentation_loss(learner.model(images), pseudo)
-    check_finite({"loss_pseudo": loss})
+        loss = segmentation_loss(forward_heads(learner.model, images), pseudo)
+    check_finite({"loss_pseudo": loss, **(checked or {})})
     learner.scaler.scale(loss).backward()
     learner.scaler.step(learner.optimizer)
     learner.scaler.update()
@@ -158,19 +161,21 @@ class PhamFeedback(nn.Module):
 
     def student_step(self, student, precision, lambda_adv, source_images, source_labels, target_images, pseudo,
                      iteration):
-        pseudo_losses, logs = {}, {}
-        if pseudo is None:  # no pseudo label anywhere: no pseudo-label step to score, h = 0
-            h = torch.zeros((), device=source_images.device)
-            logs = {"mpl_h": h, "mpl_improvement": h}
-        else:
+        pseudo_losses = {}
+        if pseudo is not None:
             loss_before = labeled_loss(student.model, precision, source_images, source_labels)
-            pseudo_losses["loss_pseudo"] = pseudo_label_step(student, precision, target_images, pseudo)
-            loss_after = labeled_loss(student.model, precision, source_images, source_labels)
-            check_finite({"mpl_loss_before": loss_before, "mpl_loss_after": loss_after})
-            h, logs = self(loss_before, loss_after)
-            logs.update(mpl_loss_before=loss_before, mpl_loss_after=loss_after)
+            pseudo_losses["loss_pseudo"] = pseudo_label_step(student, precision, target_images, pseudo,
+                                                             checked={"mpl_loss_before": loss_before})
         losses = _student_adversarial_step(student, precision, lambda_adv, source_images, source_labels,
                                            target_images, None)
+        if pseudo is None:  # no pseudo label anywhere: no pseudo-label step to score, h = 0
+            h = torch.zeros((), device=source_images.device)
+            return losses, h, {"mpl_h": h, "mpl_improvement": h}
+        # The source step's loss is read before its update, on the batch "before" was: it is the
+        # labeled loss after the pseudo-label step (train-mode BatchNorm; checked finite there).
+        loss_after = losses["loss_seg"].float()
+        h, logs = self(loss_before, loss_after)
+        logs.update(mpl_loss_before=loss_before, mpl_loss_after=loss_after)
         return {**losses, **pseudo_losses}, h, logs
 
 
