@@ -11,11 +11,15 @@ Labeled data = GTA5 (source), unlabeled data = Cityscapes train (target). One ``
    ``--feedback`` (``uda.mpl_feedback``: ``pham`` = a step on the pseudo labels alone, scored by
    its effect on the student's labeled loss, then a source + adversarial step; ``course`` = one
    source + pseudo-label + adversarial step and the course's ``alpha * H``).
-3. **Teacher update**: ``w_adv * L_adv(T) + c * CE(T(target), pseudo) + w_uda(t) *
-   CE(T(aug(target)), aug(pseudo))`` backpropagated through the graph of step 1, then its
-   supervised source loss (three heads, as every segmentation loss of the project). ``w_adv`` and
-   the heads of the pseudo-label CE are the rule's: ``--lambda-adv`` and the main head for
-   ``pham``; 1 and the three heads for ``course``.
+3. **Teacher update**: its supervised source loss (three heads, as every segmentation loss of
+   the project) is computed, then ONE backward of ``w_adv * L_adv(T) + c * CE(T(target), pseudo) +
+   w_uda(t) * CE(T(aug(target)), aug(pseudo)) + L_source(T)`` goes through the graphs of step 1
+   and of that source forward. ``w_adv`` and the heads of the pseudo-label CE are the rule's:
+   ``--lambda-adv`` and the main head for ``pham``; 1 and the three heads for ``course``. (One
+   backward over the sum gives each parameter the same two gradient tensors, target and source,
+   as two backward passes did, summed in another place: bitwise the same, tests/test_mpl_waste.py.
+   The target graph is kept until then: the teacher's peak memory holds its 2B target and B
+   source activations together.)
 4. **Teacher's discriminator** update on the teacher's own detached source/target softmax maps.
 
 The UDA consistency term is the teacher's cross-entropy (main head) on a photometrically noised,
@@ -32,19 +36,28 @@ current refresh window, the current thresholds, the feedback baseline) lives in 
 
 Cost per iteration, in forward passes F of one batch (a backward ~ 2F): the adversarial step is
 ~6F; MPL adds the teacher's forward + backward on 2B target images (~6F) and its source forward +
-backward (~3F); ``pham`` adds the student's pseudo-label step (~3F) and two no-grad student
-forwards on the source batch (~2F). Where compute is the bottleneck (the CPU) that is ~20F/6F for
-``pham`` and ~15F/6F for ``course``; ``bench/results/mpl_cost_cpu.md`` has the measured ratios.
-``--uda-weight 0`` skips the augmented view (~3F less). Where kernel launches dominate (small
-inputs on a GPU) the 2B forward costs about as much as a B one, which is why the two target
-views share one forward.
+backward (~3F); ``pham`` adds the student's pseudo-label step (~3F) and one no-grad student
+forward on the source batch (~1F; the labeled loss after that step is the source step's own
+loss). Where compute is the bottleneck (the CPU) that is ~19F/6F for ``pham`` and ~15F/6F for
+``course``; ``bench/results/mpl_cost_cpu.md`` has the measured ratios. ``--uda-weight 0`` skips
+the augmented view (~3F less). Where kernel launches dominate (small inputs on a GPU) the 2B
+forward costs about as much as a B one, which is why the two target views share one forward.
+With ``--fused-loss`` every cross-entropy of the step reads the heads at low resolution
+(``forward_heads``); the only full-resolution maps are those a reader needs: the teacher's clean
+target main head (labeler, discriminator) and the main heads the discriminators read.
+Host syncs: the finiteness checks only (``check_finite``, one per update; whether any rank has a
+confident pixel is decided in the first one), and the thresholds are binned on their device.
 
 Failure handling: every loss is checked (``check_finite``) before the update it feeds; the
-teacher's target terms before anything is updated, its source loss and the feedback after the
-student's step (a non-finite value there stops the run with the student already stepped; the
-checkpoint on disk is untouched). When no rank has a single confident target pixel (decided
-across ranks, so every rank takes the same path) the student trains on the source only and the
-pseudo-label term has no weight (``pham``: ``h = 0``, its baseline unchanged).
+teacher's target terms before anything is updated; pham's labeled loss before the student's
+pseudo-label step with that step's loss, before its update; the teacher's source loss and the
+feedback coefficient after the student's step(s) and before the teacher's backward (a non-finite
+value there stops the run with the student already stepped and the teacher not; the checkpoint on
+disk is untouched). When no rank has a single confident target pixel (decided across ranks, so
+every rank takes the same path) the student trains on the source only and the pseudo-label term
+has no weight (``pham``: ``h = 0``, its baseline unchanged). That decision stays a branch on the
+host, not a 0/1 mask: with a mask the student's pseudo-label step would still run, and an
+optimizer step with a zero gradient is not a no-op (momentum, weight decay).
 """
 from dataclasses import dataclass
 

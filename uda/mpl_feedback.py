@@ -14,10 +14,13 @@ Each rule is an ``nn.Module`` (its state is checkpointed with the run) with
   the student first takes one optimizer step on the target pseudo labels **alone** (three heads,
   its own optimizer and scaler), and ``h`` is what that step did to its labeled loss:
   ``improvement = L_source(before) - L_source(after)`` on the iteration's source batch (train-mode
-  BatchNorm, running statistics untouched), averaged over ranks; a moving baseline ``b <- decay *
-  b + (1 - decay) * improvement`` is updated first and subtracted, ``h = improvement - b``, and
-  ``c = h``. Then the student takes its source + adversarial step (``adversarial_step`` without
-  target labels), which no longer enters ``h``.
+  BatchNorm; ``before`` a no-grad forward that leaves the running statistics untouched), averaged
+  over ranks; a moving baseline ``b <- decay * b + (1 - decay) * improvement`` is updated first
+  and subtracted, ``h = improvement - b``, and ``c = h``. Then the student takes its source +
+  adversarial step (``adversarial_step`` without target labels), whose update does not enter
+  ``h``: ``L_source(after)`` is that step's source loss, read before its update (the same forward
+  of the same network on the same batch as a separate no-grad forward; bitwise the same value on
+  the CPU, tests/test_mpl_waste.py).
   Sign: ``h > 0`` when the pseudo labels lowered the student's labeled loss (more than usual), and
   minimising ``h * CE`` then makes the teacher's labels *more* likely; ``h < 0`` pushes it away
   from them. That is the derivation's sign (REINFORCE on the teacher's labels + a first-order
@@ -29,7 +32,7 @@ Each rule is an ``nn.Module`` (its state is checkpointed with the run) with
   momentum, weight decay and mixed-precision scaler included), and it needs no second gradient
   vector kept beside the first nor a dot product over all parameters (which, under DDP, would need
   both full gradients reduced). Its cost: one extra student forward + backward on the target batch
-  and two no-grad student forwards on the source batch, about 5 forward passes of one batch.
+  and one no-grad student forward on the source batch, about 4 forward passes of one batch.
   With momentum the step also carries the previous iterations' direction; the baseline removes its
   average share of ``h``.
 
