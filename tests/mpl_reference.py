@@ -5,7 +5,8 @@ feedback rule the way the step did before (issue 19): the teacher's target terms
 right after the student's step, then its source forward and a second backward; ``pham``'s labeled
 loss after the pseudo-label step as its own no-grad forward (``labeled_loss``), both labeled losses
 checked together after that step; whether any rank has a pseudo label as its own host sync; the
-labeler's thresholds applied through ``apply_thresholds`` (host-side bins). Fused loss off
+labeler's thresholds applied through ``apply_thresholds`` (host-side bins); the teacher's
+discriminator loss computed and checked after the teacher's update. Fused loss off
 throughout (the old step called the networks directly). tests/test_mpl_waste.py compares the
 current step with it.
 """

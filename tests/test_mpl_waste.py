@@ -3,7 +3,8 @@
 What changed: pham's labeled loss after the pseudo-label step is the student's source-step loss
 (read before that step's update) instead of a second no-grad forward; the teacher takes one backward
 over its summed target and source losses instead of two; whether any rank has a pseudo label is
-decided in the finiteness check's host sync; the labeler's thresholds are binned on their device.
+decided in the finiteness check's host sync; the labeler's thresholds are binned on their device;
+the teacher's discriminator loss is computed and checked with the teacher's losses, before its update.
 None of that changes a number: losses, the gradients each optimizer applies, the networks, their
 optimizers' state and the MPL state after a few iterations are bitwise equal (torch.equal). The
 teacher's two backward passes summed each parameter's two gradients (target graph, then source
@@ -156,3 +157,40 @@ def test_a_non_finite_source_batch_refuses_before_the_student_moves():
     assert all(torch.equal(student[name], parameters[name]) for name in parameters)
     assert all(torch.equal(value, dict(step.teacher.model.named_parameters())[name]) for name, value in teacher.items())
     assert not step.student.optimizer.state  # no step taken: no momentum buffer either
+
+
+def test_a_non_finite_teacher_discriminator_loss_refuses_the_teacher_update(monkeypatch):
+    # The teacher's discriminator loss is checked with the teacher's source loss and the coefficient,
+    # before the teacher's update (it used to be computed and checked after it).
+    import uda.meta_pseudo_labels as mpl
+
+    real = mpl.discriminator_loss
+    monkeypatch.setattr(mpl, "discriminator_loss", lambda *args, **kwargs: real(*args, **kwargs) * float("nan"))
+    step = _step("course", 0.5)
+    teacher = {k: v.clone() for k, v in step.teacher.model.named_parameters()}
+    discriminator = {k: v.clone() for k, v in step.teacher.discriminator.named_parameters()}
+    with pytest.raises(NonFiniteLossError, match="t_loss_d"):
+        step(*_batches(0), 0)
+    assert all(torch.equal(value, dict(step.teacher.model.named_parameters())[name]) for name, value in teacher.items())
+    assert all(torch.equal(value, dict(step.teacher.discriminator.named_parameters())[name])
+               for name, value in discriminator.items())
+    assert not step.teacher.optimizer.state and not step.teacher.optimizer_d.state
+    assert step.student.optimizer.state  # the student had stepped: what the module docstring says
+
+
+@pytest.mark.parametrize("rule, reads", [("pham", 6), ("course", 5)])
+def test_the_step_reads_tensor_values_on_the_host_once_per_finiteness_check_only(monkeypatch, rule, reads):
+    # On a GPU each read of a tensor's value by the host waits for the device. What is left: one
+    # finiteness check per update (pham: the teacher's target terms, the pseudo-label step with the
+    # labeled loss before it, the student's source, target and discriminator losses, the teacher's
+    # losses with its discriminator's); the step before read 10 (pham) and 8 (course) values.
+    step = _step(rule, 0.5)
+    step(*_batches(0), 0)  # the first iteration refreshes the thresholds: a later one is the usual one
+    counted = []
+    for name in ("__bool__", "item", "tolist", "__float__", "__int__"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _real=real, _name=name, **k:
+                            counted.append(_name) or _real(self, *a, **k))
+    step(*_batches(1), 1)
+    monkeypatch.undo()
+    assert counted == ["tolist"] * reads

@@ -20,7 +20,8 @@ Labeled data = GTA5 (source), unlabeled data = Cityscapes train (target). One ``
    as two backward passes did, summed in another place: bitwise the same, tests/test_mpl_waste.py.
    The target graph is kept until then: the teacher's peak memory holds its 2B target and B
    source activations together.)
-4. **Teacher's discriminator** update on the teacher's own detached source/target softmax maps.
+4. **Teacher's discriminator** update on the teacher's own detached source/target softmax maps
+   (its loss computed and checked with the teacher's, before the teacher's update).
 
 The UDA consistency term is the teacher's cross-entropy (main head) on a photometrically noised,
 randomly flipped view of the target against its (equally flipped) pseudo labels, weighted by
@@ -50,10 +51,10 @@ confident pixel is decided in the first one), and the thresholds are binned on t
 
 Failure handling: every loss is checked (``check_finite``) before the update it feeds; the
 teacher's target terms before anything is updated; pham's labeled loss before the student's
-pseudo-label step with that step's loss, before its update; the teacher's source loss and the
-feedback coefficient after the student's step(s) and before the teacher's backward (a non-finite
-value there stops the run with the student already stepped and the teacher not; the checkpoint on
-disk is untouched). When no rank has a single confident target pixel (decided across ranks, so
+pseudo-label step with that step's loss, before its update; the teacher's source loss, its
+discriminator's loss and the feedback coefficient after the student's step(s), in one check before
+the teacher's backward (a non-finite value there stops the run with the student already stepped
+and neither the teacher nor its discriminator; the checkpoint on disk is untouched). When no rank has a single confident target pixel (decided across ranks, so
 every rank takes the same path) the student trains on the source only and the pseudo-label term
 has no weight (``pham``: ``h = 0``, its baseline unchanged). That decision stays a branch on the
 host, not a 0/1 mask: with a mask the student's pseudo-label step would still run, and an
@@ -69,7 +70,7 @@ from dataset.labels import IGNORE_INDEX, NUM_CLASSES
 from utils.distributed import get_rank
 from engine.steps import check_finite, forward_heads, main_output, segmentation_loss, set_requires_grad, unwrap
 from model.resize import LowResLogits
-from uda.adversarial import SOURCE_DOMAIN, discriminator_step, domain_loss
+from uda.adversarial import SOURCE_DOMAIN, discriminator_loss, discriminator_update, domain_loss
 from uda.pseudolabel_stats import (MAX_THRESHOLD, ConfidenceHistogram, apply_threshold_bins, device_threshold_bins,
                                    probability_confidence, softmax_confidence)
 from utils.seed import StepGenerator
@@ -281,19 +282,23 @@ class MPLStep:
         with precision.autocast():
             source_outputs = forward_heads(teacher.model, source_images)
             terms["t_loss_seg"] = segmentation_loss(source_outputs, source_labels)
-        check_finite({"mpl_coefficient": coefficient, "t_loss_seg": terms["t_loss_seg"]})  # before the teacher's update
+        checked = {"mpl_coefficient": coefficient, "t_loss_seg": terms["t_loss_seg"]}
+        if frozen_discriminator is not None:
+            # 4. The loss of the teacher's discriminator, on the teacher's own detached maps (the course
+            # used the student's: a bug). It reads D's own weights, which the teacher's update does not
+            # touch: computed now and checked with the teacher's losses, in one sync before any of the two
+            # updates (the target terms' graph recorded D frozen, so the backward below leaves D alone).
+            terms["t_loss_d"] = discriminator_loss(teacher.discriminator, teacher.optimizer_d, precision,
+                                                   main_output(source_outputs).detach(), target_probabilities,
+                                                   check=False)
+            checked["t_loss_d"] = terms["t_loss_d"]
+        check_finite(checked)
         teacher.scaler.scale(loss_teacher + terms["t_loss_seg"]).backward()
-        del outputs, heads, clean_heads, main_loss_input, logits_view
-        source_logits = main_output(source_outputs).detach()
-        del source_outputs
+        del outputs, heads, clean_heads, main_loss_input, logits_view, source_outputs
         teacher.scaler.step(teacher.optimizer)
         teacher.scaler.update()
-
-        # 4. Teacher's discriminator, on the teacher's own maps (the course used the student's: a bug).
         if frozen_discriminator is not None:
-            terms["t_loss_d"] = discriminator_step(teacher.discriminator, teacher.optimizer_d, teacher.scaler_d,
-                                                     precision, source_logits, target_probabilities,
-                                                     loss_name="t_loss_d")
+            terms["t_loss_d"] = discriminator_update(teacher.optimizer_d, teacher.scaler_d, terms["t_loss_d"])
 
         return {**student_losses, **{name: value.detach() for name, value in terms.items()},
                 "mpl_coefficient": coefficient, "pl_kept": kept, **feedback_logs}
