@@ -164,6 +164,22 @@ def head_rows(head, rows):
     return head[rows]
 
 
+def split_target_heads(outputs, batch):
+    """The teacher's ``[target; view]`` heads -> (clean heads, the main head as its pseudo-label CE
+    reads it, the view's main head, the clean main head as float32 full-resolution logits).
+
+    With --fused-loss the heads are ``LowResLogits``: the cross-entropies read them at low
+    resolution, and only the clean half's main head is upsampled (under the caller's autocast, as
+    the network upsamples), for the labeler and the discriminator. Otherwise the main head is cast
+    to float32 once and sliced, so that its two readers' gradients are summed in float32."""
+    heads = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+    if isinstance(heads[0], LowResLogits):
+        clean_heads = [head_rows(head, slice(None, batch)) for head in heads]
+        return clean_heads, clean_heads[0], head_rows(heads[0], slice(batch, None)), clean_heads[0].full().float()
+    main = heads[0].float()
+    return [head[:batch] for head in heads], main[:batch], main[batch:], main[:batch]
+
+
 def flip_where(tensor, flipped):
     """Flip the images/maps ``tensor[b]`` horizontally where ``flipped[b]``."""
     mask = flipped.view(-1, *([1] * (tensor.dim() - 1)))
@@ -240,17 +256,7 @@ class MPLStep:
         with precision.autocast():
             # The auxiliary heads only when the rule's pseudo-label CE sums them (course); pham reads main only.
             outputs = forward_heads(teacher.model, inputs, aux=all_heads)  # heads of [B or 2B, K, H, W]
-        heads = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
-        if isinstance(heads[0], LowResLogits):
-            # --fused-loss: the cross-entropies read the low-resolution heads; only the clean half's
-            # main head is upsampled, for the labeler and the discriminator.
-            clean_heads = [head_rows(head, slice(None, batch)) for head in heads]
-            main_loss_input, logits_view = clean_heads[0], head_rows(heads[0], slice(batch, None))
-            logits = clean_heads[0].full().float()
-        else:
-            main = heads[0].float()
-            logits, logits_view = main[:batch], main[batch:]
-            clean_heads, main_loss_input = [head[:batch] for head in heads], logits
+            clean_heads, main_loss_input, logits_view, logits = split_target_heads(outputs, batch)
         # One float32 softmax for the discriminator's input and the labeler's confidence.
         target_probabilities = F.softmax(logits, dim=1) if frozen_discriminator is not None else None
         pseudo = self.labeler(logits.detach(), iteration,                  # [B, H, W]
@@ -294,7 +300,7 @@ class MPLStep:
             checked["t_loss_d"] = terms["t_loss_d"]
         check_finite(checked)
         teacher.scaler.scale(loss_teacher + terms["t_loss_seg"]).backward()
-        del outputs, heads, clean_heads, main_loss_input, logits_view, source_outputs
+        del outputs, clean_heads, main_loss_input, logits_view, source_outputs
         teacher.scaler.step(teacher.optimizer)
         teacher.scaler.update()
         if frozen_discriminator is not None:
