@@ -86,19 +86,29 @@ def set_requires_grad(module, flag):
         parameter.requires_grad_(flag)
 
 
-def check_finite(losses):
+def check_finite(losses, any_positive=None):
     """One host sync per step: raise NonFiniteLossError naming the bad terms, before any update.
 
     Under torchrun every rank must take the same decision (a rank that skipped a step would leave
-    the others waiting in DDP's gradient all-reduce), so the finite flag is MIN-reduced.
+    the others waiting in DDP's gradient all-reduce), so the flag is MAX-reduced (one rank's
+    non-finite value refuses the step everywhere).
+
+    ``any_positive``: a tensor whose sign a step must decide on the host as well (MPL: whether any
+    rank has a confident pseudo label); decided in the same sync and collective, returned as a bool
+    that is the same on every rank (None without it).
     """
     values = torch.stack([value.detach().float() for value in losses.values()])
-    finite = torch.isfinite(values).all().to(torch.int32)
+    flags = [~torch.isfinite(values).all()]
+    if any_positive is not None:
+        flags.append((any_positive.detach() > 0).any())
+    flags = torch.stack(flags).to(torch.int32)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
-    if not bool(finite):
+        torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+    not_finite, *positive = flags.tolist()
+    if not_finite:
         bad = [name for name, value in losses.items() if not torch.isfinite(value).all()]
         raise NonFiniteLossError(bad or ["another process's losses"])
+    return bool(positive[0]) if positive else None
 
 
 @contextlib.contextmanager

@@ -114,11 +114,60 @@ def run_adversarial_step(fused_loss):
     return {"losses": losses, "grads": grads[0]}
 
 
+def run_mpl_step(fused_loss, rule):
+    """One iteration of uda.meta_pseudo_labels.MPLStep (student and teacher BiSeNets with 5 classes,
+    DSC discriminators, UDA view on, feedback ``rule``): its losses, the gradients each network's
+    optimizer applied, what every cross-entropy of the step read (LowResLogits or a full-resolution
+    tensor) and how many full-resolution class maps the networks made (bilinear resizes to the
+    input size with 5 channels)."""
+    from engine import steps
+    from model.resize import BilinearResize, LowResLogits
+    from uda.meta_pseudo_labels import Learner, MPLStep, PseudoLabeler
+    from uda.mpl_feedback import CourseFeedback, PhamFeedback
+
+    precision = Precision(torch.device("cpu"), "off")
+    learners, applied = [], []
+    for role in ("student", "teacher"):
+        model, discriminator, optimizer, optimizer_d, grads = adversarial_parts(fused_loss)
+        applied.append(grads)
+        if role == "teacher":  # other weights than the student's
+            torch.manual_seed(1)
+            model.load_state_dict(build_bisenet("resnet18", num_classes=5).state_dict())
+        learners.append(Learner(model, optimizer, precision.grad_scaler(), discriminator, optimizer_d,
+                                precision.grad_scaler()))
+    feedback = PhamFeedback(baseline_decay=0.5) if rule == "pham" else CourseFeedback(batches_per_epoch=1)
+    step = MPLStep(*learners, labeler=PseudoLabeler(5, refresh=1), feedback=feedback, precision=precision,
+                   lambda_adv=0.1, uda_weight=0.5)
+    read, full_maps, real_loss = [], [0], steps.summed_cross_entropy
+
+    def recording_loss(logits, labels):
+        read.append("low_res" if isinstance(logits, LowResLogits) else "full")
+        return real_loss(logits, labels)
+
+    def counting_resize(module, inputs, output):
+        if output.shape[1] == 5 and tuple(output.shape[-2:]) == tuple(inputs[1]):
+            full_maps[0] += 1
+
+    hooks = [layer.register_forward_hook(counting_resize) for learner in learners for layer in learner.model.modules()
+             if isinstance(layer, BilinearResize)]
+    steps.summed_cross_entropy = recording_loss
+    try:
+        source, source_labels, target, _ = adversarial_batch()
+        losses = step(source, source_labels, 3.0 * target, 0)
+    finally:
+        steps.summed_cross_entropy = real_loss
+        for hook in hooks:
+            hook.remove()
+    return {"losses": losses, "read": read, "full_maps": full_maps[0], "student_grads": applied[0],
+            "teacher_grads": applied[1]}
+
+
 def main(path):
     assert os.environ.get("TRITON_INTERPRET") == "1" and interpreted()
     torch.set_num_threads(1)
     torch.save({"kernels": run_kernel_cases(), "bisenet": run_bisenet_case(),
-                "adversarial": run_adversarial_step(fused_loss=True)}, path)
+                "adversarial": run_adversarial_step(fused_loss=True),
+                "mpl": {rule: run_mpl_step(True, rule) for rule in ("pham", "course")}}, path)
 
 
 if __name__ == "__main__":

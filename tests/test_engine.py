@@ -176,3 +176,35 @@ def test_poly_learning_rate():
     assert poly_lr(0.1, 0, 100) == pytest.approx(0.1)
     assert poly_lr(0.1, 50, 100) == pytest.approx(0.1 * 0.5 ** 0.9)
     assert poly_lr(0.1, 100, 100) == 0.0
+
+
+def _check_finite_worker(rank, init_file, result_file):
+    import torch.distributed as dist
+    from engine.steps import check_finite
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        results = {}
+        # Pseudo-label counts: positive on rank 1 only, then on no rank; every rank must see one answer.
+        results["one_rank_positive"] = check_finite({"loss": torch.tensor(1.0)}, any_positive=torch.tensor(3.0 * rank))
+        results["no_rank_positive"] = check_finite({"loss": torch.tensor(1.0)}, any_positive=torch.tensor(0.0))
+        results["plain"] = check_finite({"loss": torch.tensor(1.0)})
+        try:  # a NaN on rank 1 only: both ranks refuse (rank 0 naming the other process)
+            check_finite({"loss": torch.tensor(float("nan") if rank else 1.0)}, any_positive=torch.tensor(1.0))
+            results["refused"] = None
+        except NonFiniteLossError as error:
+            results["refused"] = error.terms
+        torch.save(results, f"{result_file}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_check_finite_decides_the_same_on_every_rank(tmp_path):
+    """The finiteness flag and MPL's any-pseudo-label decision share one MAX all-reduce (gloo, two processes)."""
+    import torch.multiprocessing as mp
+    result_file = tmp_path / "result"
+    mp.spawn(_check_finite_worker, args=(str(tmp_path / "init"), str(result_file)), nprocs=2)
+    results = [torch.load(f"{result_file}.{rank}", weights_only=False) for rank in (0, 1)]
+    assert [r["one_rank_positive"] for r in results] == [True, True]
+    assert [r["no_rank_positive"] for r in results] == [False, False]
+    assert [r["plain"] for r in results] == [None, None]
+    assert [r["refused"] for r in results] == [["another process's losses"], ["loss"]]

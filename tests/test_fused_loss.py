@@ -123,6 +123,46 @@ def test_adversarial_step_with_the_fused_loss_matches_the_classifier_first_step(
         torch.testing.assert_close(fused["grads"][name], grad, rtol=1e-4, atol=1e-5 * scale, msg=name)
 
 
+
+# Cross-entropies of one MPL iteration: pham: the student's labeled loss before its pseudo-label step,
+# that step and its source step (3 heads each), the teacher's pseudo-label and UDA terms (main head)
+# and its source loss (3); course: the student's source and pseudo-label terms (3 + 3), the
+# teacher's pseudo-label term (3), UDA term (1) and source loss (3).
+MPL_LOSSES = {"pham": 14, "course": 13}
+# Full-resolution class maps of one MPL iteration with the fused loss: only what a reader needs, the
+# teacher's clean target main head (labeler, discriminator), its source main head and the student's
+# source and target main heads (the discriminators' inputs).
+MPL_FULL_MAPS = 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rule", ["pham", "course"])
+def test_mpl_step_with_the_fused_loss_reads_low_resolution_heads_and_matches_the_classifier_first_step(
+        interpreted, one_thread, rule):
+    # uda.meta_pseudo_labels.MPLStep with --fused-loss on: every cross-entropy (the student's no-grad
+    # labeled loss included) reads LowResLogits, no full-resolution map is made that nothing reads,
+    # and losses and the first applied gradients are those of the classifier-first step.
+    sys.path.insert(0, str(ROOT / "tests"))
+    try:
+        from fused_loss_cases import run_mpl_step
+    finally:
+        sys.path.remove(str(ROOT / "tests"))
+    reference, fused = run_mpl_step(False, rule), interpreted["mpl"][rule]
+    assert fused["read"] == ["low_res"] * MPL_LOSSES[rule] and reference["read"] == ["full"] * MPL_LOSSES[rule]
+    assert fused["full_maps"] == MPL_FULL_MAPS < reference["full_maps"]
+    assert fused["losses"].keys() == reference["losses"].keys() and fused["losses"]["pl_kept"] > 0
+    loss_scale = reference["losses"]["t_loss_seg"].item()
+    for name, value in reference["losses"].items():  # h = a difference of two losses: absolute tolerance
+        torch.testing.assert_close(fused["losses"][name], value, rtol=1e-5, atol=1e-6 * loss_scale, msg=name)
+    # The first update of each network (pham's student: its pseudo-label step); later ones start from
+    # weights that already differ by a step's rounding, which these tiny networks amplify.
+    for side in ("student_grads", "teacher_grads"):
+        expected, got = reference[side][0], fused[side][0]
+        scale = max(grad.abs().max().item() for grad in expected.values())
+        assert got.keys() == expected.keys()
+        for name, grad in expected.items():
+            torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-5 * scale, msg=f"{side} {name}")
+
 # Pointer arguments of the kernels: the logits and their gradient in the network's dtype, labels
 # int64, tap indices and ranges int32, everything else float32; the other arguments are int32.
 INDEX_POINTERS = {"labels_ptr": "*i64", "row0_ptr": "*i32", "row1_ptr": "*i32", "col0_ptr": "*i32",

@@ -20,6 +20,7 @@ from uda.pseudolabel_stats import (
     ConfidenceHistogram,
     apply_thresholds,
     confidence_bits,
+    device_threshold_bins,
     per_image_thresholds,
     quantize_confidence,
     softmax_confidence,
@@ -262,6 +263,16 @@ def test_threshold_bins_edges():
     with pytest.raises(ValueError):
         threshold_bins(torch.tensor([float("nan")]))
 
+
+
+def test_device_threshold_bins_equal_the_host_bins_and_keep_nothing_for_nan():
+    # Exact bin values (a pixel at its class median is kept), values between two bins, both ends.
+    edges = torch.tensor([-1.0, 0.0, 1.0, 1.5, 0.9, MAX_THRESHOLD], dtype=torch.float64)
+    between = torch.rand(200, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    on_bins = torch.arange(0, NUM_BINS, 97, dtype=torch.int16).view(torch.float16).to(torch.float64)
+    for thresholds in (edges, between, on_bins, on_bins.float()):
+        assert torch.equal(device_threshold_bins(thresholds), threshold_bins(thresholds))
+    assert device_threshold_bins(torch.tensor([float("nan")], dtype=torch.float64)).tolist() == [NUM_BINS]
 
 # ----------------------------------------------------------------------------------- per image
 def test_per_image_equals_dataset_wide_for_one_image_and_reference_for_many():

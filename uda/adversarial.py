@@ -114,16 +114,19 @@ def adversarial_step(model, discriminator, optimizer, optimizer_d, scaler, scale
     return {name: value.detach() for name, value in losses.items()}
 
 
-def discriminator_loss(discriminator, optimizer, precision, source_logits, target_probabilities, loss_name="loss_d"):
+def discriminator_loss(discriminator, optimizer, precision, source_logits, target_probabilities, loss_name="loss_d",
+                       check=True):
     """AdaptSegNet's discriminator loss on detached maps: source -> source label, target -> target
-    label, mean of the two BCE terms; checked finite before it is returned."""
+    label, mean of the two BCE terms; checked finite before it is returned (``check=False``: the
+    caller checks it, with its own losses in one sync)."""
     set_requires_grad(unwrap(discriminator), True)
     optimizer.zero_grad(set_to_none=True)
     with precision.autocast():
         source_probabilities = F.softmax(source_logits.detach().float(), dim=1)
         loss_d = 0.5 * (domain_loss(discriminator, source_probabilities, SOURCE_DOMAIN)
                         + domain_loss(discriminator, target_probabilities.detach(), TARGET_DOMAIN))
-    check_finite({loss_name: loss_d})
+    if check:
+        check_finite({loss_name: loss_d})
     return loss_d
 
 

@@ -11,12 +11,17 @@ Labeled data = GTA5 (source), unlabeled data = Cityscapes train (target). One ``
    ``--feedback`` (``uda.mpl_feedback``: ``pham`` = a step on the pseudo labels alone, scored by
    its effect on the student's labeled loss, then a source + adversarial step; ``course`` = one
    source + pseudo-label + adversarial step and the course's ``alpha * H``).
-3. **Teacher update**: ``w_adv * L_adv(T) + c * CE(T(target), pseudo) + w_uda(t) *
-   CE(T(aug(target)), aug(pseudo))`` backpropagated through the graph of step 1, then its
-   supervised source loss (three heads, as every segmentation loss of the project). ``w_adv`` and
-   the heads of the pseudo-label CE are the rule's: ``--lambda-adv`` and the main head for
-   ``pham``; 1 and the three heads for ``course``.
-4. **Teacher's discriminator** update on the teacher's own detached source/target softmax maps.
+3. **Teacher update**: its supervised source loss (three heads, as every segmentation loss of
+   the project) is computed, then ONE backward of ``w_adv * L_adv(T) + c * CE(T(target), pseudo) +
+   w_uda(t) * CE(T(aug(target)), aug(pseudo)) + L_source(T)`` goes through the graphs of step 1
+   and of that source forward. ``w_adv`` and the heads of the pseudo-label CE are the rule's:
+   ``--lambda-adv`` and the main head for ``pham``; 1 and the three heads for ``course``. (One
+   backward over the sum gives each parameter the same two gradient tensors, target and source,
+   as two backward passes did, summed in another place: bitwise the same, tests/test_mpl_waste.py.
+   The target graph is kept until then: the teacher's peak memory holds its 2B target and B
+   source activations together.)
+4. **Teacher's discriminator** update on the teacher's own detached source/target softmax maps
+   (its loss computed and checked with the teacher's, before the teacher's update).
 
 The UDA consistency term is the teacher's cross-entropy (main head) on a photometrically noised,
 randomly flipped view of the target against its (equally flipped) pseudo labels, weighted by
@@ -32,19 +37,28 @@ current refresh window, the current thresholds, the feedback baseline) lives in 
 
 Cost per iteration, in forward passes F of one batch (a backward ~ 2F): the adversarial step is
 ~6F; MPL adds the teacher's forward + backward on 2B target images (~6F) and its source forward +
-backward (~3F); ``pham`` adds the student's pseudo-label step (~3F) and two no-grad student
-forwards on the source batch (~2F). Where compute is the bottleneck (the CPU) that is ~20F/6F for
-``pham`` and ~15F/6F for ``course``; ``bench/results/mpl_cost_cpu.md`` has the measured ratios.
-``--uda-weight 0`` skips the augmented view (~3F less). Where kernel launches dominate (small
-inputs on a GPU) the 2B forward costs about as much as a B one, which is why the two target
-views share one forward.
+backward (~3F); ``pham`` adds the student's pseudo-label step (~3F) and one no-grad student
+forward on the source batch (~1F; the labeled loss after that step is the source step's own
+loss). Where compute is the bottleneck (the CPU) that is ~19F/6F for ``pham`` and ~15F/6F for
+``course``; ``bench/results/mpl_cost_cpu.md`` has the measured ratios. ``--uda-weight 0`` skips
+the augmented view (~3F less). Where kernel launches dominate (small inputs on a GPU) the 2B
+forward costs about as much as a B one, which is why the two target views share one forward.
+With ``--fused-loss`` every cross-entropy of the step reads the heads at low resolution
+(``forward_heads``); the only full-resolution maps are those a reader needs: the teacher's clean
+target main head (labeler, discriminator) and the main heads the discriminators read.
+Host syncs: the finiteness checks only (``check_finite``, one per update; whether any rank has a
+confident pixel is decided in the first one), and the thresholds are binned on their device.
 
 Failure handling: every loss is checked (``check_finite``) before the update it feeds; the
-teacher's target terms before anything is updated, its source loss and the feedback after the
-student's step (a non-finite value there stops the run with the student already stepped; the
-checkpoint on disk is untouched). When no rank has a single confident target pixel (decided
-across ranks, so every rank takes the same path) the student trains on the source only and the
-pseudo-label term has no weight (``pham``: ``h = 0``, its baseline unchanged).
+teacher's target terms before anything is updated; pham's labeled loss before the student's
+pseudo-label step with that step's loss, before its update; the teacher's source loss, its
+discriminator's loss and the feedback coefficient after the student's step(s), in one check before
+the teacher's backward (a non-finite value there stops the run with the student already stepped
+and neither the teacher nor its discriminator; the checkpoint on disk is untouched). When no rank has a single confident target pixel (decided across ranks, so
+every rank takes the same path) the student trains on the source only and the pseudo-label term
+has no weight (``pham``: ``h = 0``, its baseline unchanged). That decision stays a branch on the
+host, not a 0/1 mask: with a mask the student's pseudo-label step would still run, and an
+optimizer step with a zero gradient is not a no-op (momentum, weight decay).
 """
 from dataclasses import dataclass
 
@@ -54,11 +68,11 @@ from torch import nn
 
 from dataset.labels import IGNORE_INDEX, NUM_CLASSES
 from utils.distributed import get_rank
-from engine.steps import check_finite, main_output, segmentation_loss, set_requires_grad, unwrap
-from uda.adversarial import SOURCE_DOMAIN, discriminator_step, domain_loss
-from uda.mpl_feedback import mean_over_ranks
-from uda.pseudolabel_stats import (MAX_THRESHOLD, ConfidenceHistogram, apply_thresholds, probability_confidence,
-                                   softmax_confidence)
+from engine.steps import check_finite, forward_heads, main_output, segmentation_loss, set_requires_grad, unwrap
+from model.resize import LowResLogits
+from uda.adversarial import SOURCE_DOMAIN, discriminator_loss, discriminator_update, domain_loss
+from uda.pseudolabel_stats import (MAX_THRESHOLD, ConfidenceHistogram, apply_threshold_bins, device_threshold_bins,
+                                   probability_confidence, softmax_confidence)
 from utils.seed import StepGenerator
 
 DEFAULT_REFRESH = 100          # iterations between threshold refreshes
@@ -117,7 +131,8 @@ class PseudoLabeler(nn.Module):
                 self.histogram.all_reduce_()  # every rank derives the same thresholds
                 self.thresholds.copy_(self.histogram.thresholds(self.max_threshold))
                 self.counts.zero_()
-        return apply_thresholds(pred, conf, self.thresholds).long()
+        # The thresholds' bins on their device: no host sync (they come from the histogram or a validated file).
+        return apply_threshold_bins(pred, conf, device_threshold_bins(self.thresholds)).long()
 
 
 # ---------------------------------------------------------------------------- augmented view
@@ -140,6 +155,29 @@ def augment_view(images, generator):
     view = mean + contrast * (images - mean) + shift + NOISE_STD * std * noise
     flipped = torch.rand(batch, generator=generator, device=images.device) < FLIP_PROBABILITY
     return flip_where(view, flipped), flipped
+
+
+def head_rows(head, rows):
+    """``head[rows]`` (a slice of the batch) of a head's logits, full-resolution or ``LowResLogits``."""
+    if isinstance(head, LowResLogits):
+        return LowResLogits(head.logits[rows], head.size, head.resize)
+    return head[rows]
+
+
+def split_target_heads(outputs, batch):
+    """The teacher's ``[target; view]`` heads -> (clean heads, the main head as its pseudo-label CE
+    reads it, the view's main head, the clean main head as float32 full-resolution logits).
+
+    With --fused-loss the heads are ``LowResLogits``: the cross-entropies read them at low
+    resolution, and only the clean half's main head is upsampled (under the caller's autocast, as
+    the network upsamples), for the labeler and the discriminator. Otherwise the main head is cast
+    to float32 once and sliced, so that its two readers' gradients are summed in float32."""
+    heads = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
+    if isinstance(heads[0], LowResLogits):
+        clean_heads = [head_rows(head, slice(None, batch)) for head in heads]
+        return clean_heads, clean_heads[0], head_rows(heads[0], slice(batch, None)), clean_heads[0].full().float()
+    main = heads[0].float()
+    return [head[:batch] for head in heads], main[:batch], main[batch:], main[:batch]
 
 
 def flip_where(tensor, flipped):
@@ -214,57 +252,59 @@ class MPLStep:
         if self.uda_weight > 0:
             view, flipped = augment_view(target_images, self.view_generator(iteration, target_images.device))
             inputs = torch.cat((target_images, view))
+        all_heads = self.feedback.teacher_target_all_heads
         with precision.autocast():
             # The auxiliary heads only when the rule's pseudo-label CE sums them (course); pham reads main only.
-            outputs = teacher.model(inputs, aux=self.feedback.teacher_target_all_heads)  # heads of [B or 2B, K, H, W]
-        heads = outputs if isinstance(outputs, (tuple, list)) else (outputs,)
-        main = heads[0].float()
-        logits, logits_view = main[:batch], main[batch:]
+            outputs = forward_heads(teacher.model, inputs, aux=all_heads)  # heads of [B or 2B, K, H, W]
+            clean_heads, main_loss_input, logits_view, logits = split_target_heads(outputs, batch)
         # One float32 softmax for the discriminator's input and the labeler's confidence.
         target_probabilities = F.softmax(logits, dim=1) if frozen_discriminator is not None else None
         pseudo = self.labeler(logits.detach(), iteration,                  # [B, H, W]
                               None if target_probabilities is None else target_probabilities.detach())
-        target_heads = [head[:batch] for head in heads] if self.feedback.teacher_target_all_heads else logits
-        terms = {"t_loss_mpl": segmentation_loss(target_heads, pseudo)}
+        terms = {"t_loss_mpl": segmentation_loss(clean_heads if all_heads else main_loss_input, pseudo)}
         if self.uda_weight > 0:
             terms["t_loss_uda"] = segmentation_loss(logits_view, flip_where(pseudo, flipped))
         if frozen_discriminator is not None:
             with precision.autocast():
                 terms["t_loss_adv"] = domain_loss(frozen_discriminator, target_probabilities, SOURCE_DOMAIN)
-        check_finite(terms)  # before any network is updated
         labeled = (pseudo != IGNORE_INDEX).float()
         kept = labeled.mean()
-        # Decided across ranks, so that every rank runs the same forward and backward passes.
-        any_pseudo = bool(mean_over_ranks(labeled.sum()) > 0)
+        # Before any network is updated; whether any rank has a confident pixel is decided in the same
+        # host sync and collective, so that every rank runs the same forward and backward passes.
+        any_pseudo = check_finite(terms, any_positive=labeled.sum())
 
         # 2. Student step(s) and the coefficient of the teacher's pseudo-label term: the rule's.
         student_losses, coefficient, feedback_logs = self.feedback.student_step(
             student, precision, self.lambda_adv, source_images, source_labels, target_images,
             pseudo if any_pseudo else None, iteration)
 
-        # 3. Teacher update: target terms through the graph of step 1, then its source loss.
-        loss_target = coefficient * terms["t_loss_mpl"]
+        # 3. Teacher update: its source forward, then ONE backward over the target terms (through the
+        # graph of step 1) and its source loss.
+        loss_teacher = coefficient * terms["t_loss_mpl"]
         if "t_loss_uda" in terms:
-            loss_target = loss_target + self.uda_weight_at(iteration) * terms["t_loss_uda"]
+            loss_teacher = loss_teacher + self.uda_weight_at(iteration) * terms["t_loss_uda"]
         if frozen_discriminator is not None:
-            loss_target = loss_target + self.teacher_adversarial_weight * terms["t_loss_adv"]
-        teacher.scaler.scale(loss_target).backward()
-        del outputs, heads, main, target_heads
+            loss_teacher = loss_teacher + self.teacher_adversarial_weight * terms["t_loss_adv"]
         with precision.autocast():
-            source_outputs = teacher.model(source_images)
+            source_outputs = forward_heads(teacher.model, source_images)
             terms["t_loss_seg"] = segmentation_loss(source_outputs, source_labels)
-        check_finite({"mpl_coefficient": coefficient, "t_loss_seg": terms["t_loss_seg"]})  # before the teacher's update
-        teacher.scaler.scale(terms["t_loss_seg"]).backward()
-        source_logits = main_output(source_outputs).detach()
-        del source_outputs
+        checked = {"mpl_coefficient": coefficient, "t_loss_seg": terms["t_loss_seg"]}
+        if frozen_discriminator is not None:
+            # 4. The loss of the teacher's discriminator, on the teacher's own detached maps (the course
+            # used the student's: a bug). It reads D's own weights, which the teacher's update does not
+            # touch: computed now and checked with the teacher's losses, in one sync before any of the two
+            # updates (the target terms' graph recorded D frozen, so the backward below leaves D alone).
+            terms["t_loss_d"] = discriminator_loss(teacher.discriminator, teacher.optimizer_d, precision,
+                                                   main_output(source_outputs).detach(), target_probabilities,
+                                                   check=False)
+            checked["t_loss_d"] = terms["t_loss_d"]
+        check_finite(checked)
+        teacher.scaler.scale(loss_teacher + terms["t_loss_seg"]).backward()
+        del outputs, clean_heads, main_loss_input, logits_view, source_outputs
         teacher.scaler.step(teacher.optimizer)
         teacher.scaler.update()
-
-        # 4. Teacher's discriminator, on the teacher's own maps (the course used the student's: a bug).
         if frozen_discriminator is not None:
-            terms["t_loss_d"] = discriminator_step(teacher.discriminator, teacher.optimizer_d, teacher.scaler_d,
-                                                     precision, source_logits, target_probabilities,
-                                                     loss_name="t_loss_d")
+            terms["t_loss_d"] = discriminator_update(teacher.optimizer_d, teacher.scaler_d, terms["t_loss_d"])
 
         return {**student_losses, **{name: value.detach() for name, value in terms.items()},
                 "mpl_coefficient": coefficient, "pl_kept": kept, **feedback_logs}

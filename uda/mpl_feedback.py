@@ -14,10 +14,13 @@ Each rule is an ``nn.Module`` (its state is checkpointed with the run) with
   the student first takes one optimizer step on the target pseudo labels **alone** (three heads,
   its own optimizer and scaler), and ``h`` is what that step did to its labeled loss:
   ``improvement = L_source(before) - L_source(after)`` on the iteration's source batch (train-mode
-  BatchNorm, running statistics untouched), averaged over ranks; a moving baseline ``b <- decay *
-  b + (1 - decay) * improvement`` is updated first and subtracted, ``h = improvement - b``, and
-  ``c = h``. Then the student takes its source + adversarial step (``adversarial_step`` without
-  target labels), which no longer enters ``h``.
+  BatchNorm; ``before`` a no-grad forward that leaves the running statistics untouched), averaged
+  over ranks; a moving baseline ``b <- decay * b + (1 - decay) * improvement`` is updated first
+  and subtracted, ``h = improvement - b``, and ``c = h``. Then the student takes its source +
+  adversarial step (``adversarial_step`` without target labels), whose update does not enter
+  ``h``: ``L_source(after)`` is that step's source loss, read before its update (the same forward
+  of the same network on the same batch as a separate no-grad forward; bitwise the same value on
+  the CPU, tests/test_mpl_waste.py).
   Sign: ``h > 0`` when the pseudo labels lowered the student's labeled loss (more than usual), and
   minimising ``h * CE`` then makes the teacher's labels *more* likely; ``h < 0`` pushes it away
   from them. That is the derivation's sign (REINFORCE on the teacher's labels + a first-order
@@ -29,7 +32,7 @@ Each rule is an ``nn.Module`` (its state is checkpointed with the run) with
   momentum, weight decay and mixed-precision scaler included), and it needs no second gradient
   vector kept beside the first nor a dot product over all parameters (which, under DDP, would need
   both full gradients reduced). Its cost: one extra student forward + backward on the target batch
-  and two no-grad student forwards on the source batch, about 5 forward passes of one batch.
+  and one no-grad student forward on the source batch, about 4 forward passes of one batch.
   With momentum the step also carries the previous iterations' direction; the baseline removes its
   average share of ``h``.
 
@@ -59,7 +62,7 @@ import torch.distributed as dist
 from torch import nn
 
 from utils.distributed import get_world_size, is_distributed
-from engine.steps import check_finite, segmentation_loss, unwrap
+from engine.steps import check_finite, forward_heads, segmentation_loss, unwrap
 from uda.adversarial import adversarial_step
 
 FEEDBACKS = ("pham", "course")
@@ -97,18 +100,21 @@ def running_stats_frozen(module):
 
 def labeled_loss(model, precision, images, labels):
     """The student's labeled (three-head) loss as its training step sees it, without gradient and
-    without moving its BatchNorm running statistics."""
+    without moving its BatchNorm running statistics. Through ``forward_heads``: with --fused-loss
+    the heads stay at low resolution and the fused kernel computes the loss (no full-resolution
+    logits), as in the training step itself."""
     network = unwrap(model)
     with torch.no_grad(), precision.autocast(), running_stats_frozen(network):
-        return segmentation_loss(network(images), labels).float()
+        return segmentation_loss(forward_heads(network, images), labels).float()
 
 
-def pseudo_label_step(learner, precision, images, pseudo):
-    """One optimizer step of ``learner`` on the target pseudo labels alone; returns the detached loss."""
+def pseudo_label_step(learner, precision, images, pseudo, checked=None):
+    """One optimizer step of ``learner`` on the target pseudo labels alone; returns the detached loss.
+    ``checked``: more values to check finite in the same sync, before the update."""
     learner.optimizer.zero_grad(set_to_none=True)
     with precision.autocast():
-        loss = segmentation_loss(learner.model(images), pseudo)
-    check_finite({"loss_pseudo": loss})
+        loss = segmentation_loss(forward_heads(learner.model, images), pseudo)
+    check_finite({"loss_pseudo": loss, **(checked or {})})
     learner.scaler.scale(loss).backward()
     learner.scaler.step(learner.optimizer)
     learner.scaler.update()
@@ -158,19 +164,21 @@ class PhamFeedback(nn.Module):
 
     def student_step(self, student, precision, lambda_adv, source_images, source_labels, target_images, pseudo,
                      iteration):
-        pseudo_losses, logs = {}, {}
-        if pseudo is None:  # no pseudo label anywhere: no pseudo-label step to score, h = 0
-            h = torch.zeros((), device=source_images.device)
-            logs = {"mpl_h": h, "mpl_improvement": h}
-        else:
+        pseudo_losses = {}
+        if pseudo is not None:
             loss_before = labeled_loss(student.model, precision, source_images, source_labels)
-            pseudo_losses["loss_pseudo"] = pseudo_label_step(student, precision, target_images, pseudo)
-            loss_after = labeled_loss(student.model, precision, source_images, source_labels)
-            check_finite({"mpl_loss_before": loss_before, "mpl_loss_after": loss_after})
-            h, logs = self(loss_before, loss_after)
-            logs.update(mpl_loss_before=loss_before, mpl_loss_after=loss_after)
+            pseudo_losses["loss_pseudo"] = pseudo_label_step(student, precision, target_images, pseudo,
+                                                             checked={"mpl_loss_before": loss_before})
         losses = _student_adversarial_step(student, precision, lambda_adv, source_images, source_labels,
                                            target_images, None)
+        if pseudo is None:  # no pseudo label anywhere: no pseudo-label step to score, h = 0
+            h = torch.zeros((), device=source_images.device)
+            return losses, h, {"mpl_h": h, "mpl_improvement": h}
+        # The source step's loss is read before its update, on the batch "before" was: it is the
+        # labeled loss after the pseudo-label step (train-mode BatchNorm; checked finite there).
+        loss_after = losses["loss_seg"].float()
+        h, logs = self(loss_before, loss_after)
+        logs.update(mpl_loss_before=loss_before, mpl_loss_after=loss_after)
         return {**losses, **pseudo_losses}, h, logs
 
 

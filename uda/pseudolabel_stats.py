@@ -23,6 +23,8 @@ patterns. Why float16:
 The histogram also sums across processes (``all_reduce_``) and merges/resumes exactly, because it
 is integer counts.
 """
+import functools
+
 import torch
 import torch.distributed as dist
 
@@ -230,9 +232,26 @@ def apply_thresholds(pred, conf, thresholds, ignore_index=IGNORE_INDEX):
     not a class id of ``thresholds`` come out as ``ignore_index``. The comparison uses the same
     float16 rounding as the histogram, so a pixel exactly at its class median is kept.
     """
+    return apply_threshold_bins(pred, conf, threshold_bins(thresholds).to(pred.device), ignore_index)
+
+
+@functools.lru_cache(maxsize=8)
+def _bin_values_on(device):
+    with torch.inference_mode(False):  # one cached copy serves calls in and outside inference mode
+        return BIN_VALUES.to(device)
+
+
+def device_threshold_bins(thresholds):
+    """``threshold_bins`` computed where ``thresholds`` (float64) live, without the NaN check: no host
+    sync, for thresholds that cannot be NaN (``ConfidenceHistogram.thresholds``, a validated file);
+    a NaN keeps nothing of its class."""
+    return torch.searchsorted(_bin_values_on(thresholds.device), thresholds.to(torch.float64), right=False)
+
+
+def apply_threshold_bins(pred, conf, first_kept_bin, ignore_index=IGNORE_INDEX):
+    """``apply_thresholds`` with the thresholds given as ``threshold_bins`` on ``pred``'s device."""
     if not 0 <= ignore_index <= LABEL_DTYPE_MAX:
         raise ValueError(f"ignore_index {ignore_index} does not fit in uint8")
-    first_kept_bin = threshold_bins(thresholds).to(pred.device)
     num_classes = first_kept_bin.numel()
     conf = conf.to(pred.device)
     # _bin_index routes ignored/out-of-range pixels to a spare slot; give that slot an impossible

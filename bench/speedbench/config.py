@@ -82,7 +82,8 @@ class Profile:
     flops_size: tuple = HALF
     flops_models: tuple = ("BiSeNet-R18", "BiSeNet-R101", "FCD", "DSC")
     flops_thop: bool = True  # also thop's count (the report's convention) where thop is installed
-    mpl_variants: tuple = ("adversarial", "pham", "course", "adversarial_fast_paths", "pham_fast_paths")
+    mpl_variants: tuple = ("adversarial", "pham", "course", "adversarial_fast_paths", "pham_fast_paths",
+                           "adversarial_fused_loss", "pham_fused_loss")  # the fused ones on CUDA only
 
 
 PROFILES = {
@@ -195,6 +196,8 @@ CUDA_LEVERS = dict(CUDA_FAST_PATHS, skip_unread_aux=True, classifier_first=True,
 TRAIN_FAST_PATHS_CUDA = TrainConfig("fast_paths", "bf16 + channels_last + fused + cudnn.benchmark (the levers below off)",
                                     **CUDA_FAST_PATHS)
 TRAIN_SCRIPTS_CUDA = TrainConfig("ours", "+ matmul resize (= the scripts' default on CUDA)", **CUDA_LEVERS)
+TRAIN_FUSED_LOSS_CUDA = TrainConfig("fused_loss", "ours + fused upsample/log-softmax/NLL (Triton, --fused-loss on)",
+                                    **CUDA_LEVERS, fused_loss=True)
 CUDA_TRAIN_LEVERS = (
     TRAIN_NAIVE_CUDA,
     TrainConfig("cudnn", "+ cudnn.benchmark", "fp16", False, True),
@@ -207,8 +210,7 @@ CUDA_TRAIN_LEVERS = (
                 classifier_first=True),
     TRAIN_SCRIPTS_CUDA,
     # Opt-in (--fused-loss, off by default until it has run on a GPU): ours + the fused loss kernel.
-    TrainConfig("fused_loss", "ours + fused upsample/log-softmax/NLL (Triton, --fused-loss on)", **CUDA_LEVERS,
-                fused_loss=True),
+    TRAIN_FUSED_LOSS_CUDA,
     # --depthwise (native by default until timed here): ours with DSC's depthwise convolutions as one
     # block-diagonal dense convolution, then by the NHWC Triton kernels.
     TrainConfig("ours_depthwise_dense", "ours + depthwise as one block-diagonal dense conv (--depthwise dense)",
@@ -251,3 +253,13 @@ def scripts_train_config(bench):
 def fast_paths_train_config(bench):
     """The scripts' default settings with the model's speed levers off (before issue 19's levers)."""
     return TRAIN_FAST_PATHS_CUDA if bench.cuda else TRAIN_FAST_PATHS_CPU
+
+
+def variant_train_config(bench, variant):
+    """The settings of a section's variant suffix: "fast_paths" (the model's levers off), "fused_loss"
+    (the scripts' defaults + --fused-loss on; CUDA only), anything else the scripts' defaults."""
+    if variant == "fast_paths":
+        return fast_paths_train_config(bench)
+    if variant == "fused_loss":
+        return TRAIN_FUSED_LOSS_CUDA
+    return scripts_train_config(bench)

@@ -7,19 +7,20 @@ from uda.adversarial import adversarial_step
 from engine.precision import Precision
 
 from .common import Job, bind, cudnn_flags, quantiles, size_text
-from .config import R18, fast_paths_train_config, scripts_train_config
+from .config import R18, scripts_train_config, variant_train_config
 from .training import build_training
 
 
 def mpl_step_callable(bench, kind):
     """One call = one iteration of ``kind`` (adversarial | pham | course, or adversarial_fast_paths |
-    pham_fast_paths: the model's speed levers off) with the scripts' default settings at the training
-    sizes (ImportError when ``uda.meta_pseudo_labels`` cannot be imported)."""
+    pham_fast_paths: the model's speed levers off, or adversarial_fused_loss | pham_fused_loss:
+    --fused-loss on) with the scripts' default settings at the training sizes (ImportError when
+    ``uda.meta_pseudo_labels`` cannot be imported)."""
     from uda.meta_pseudo_labels import Learner, MPLStep, PseudoLabeler
     from uda.mpl_feedback import CourseFeedback, PhamFeedback
 
     kind, _, variant = kind.partition("_")
-    config = fast_paths_train_config(bench) if variant == "fast_paths" else scripts_train_config(bench)
+    config = variant_train_config(bench, variant)
     source, labels, target = bench.train_batch()
     precision = Precision(bench.device, config.amp)
 
@@ -42,12 +43,12 @@ def mpl_step_callable(bench, kind):
 
 def train_default_settings(bench, kind="adversarial"):
     p = bench.profile
-    config = fast_paths_train_config(bench) if kind.endswith("_fast_paths") else scripts_train_config(bench)
+    config = variant_train_config(bench, kind.partition("_")[2])
     return {"context_path": R18, "discriminator": "dsc", "batch_size": p.train_batch,
             "source_size": size_text(p.train_source), "target_size": size_text(p.train_target),
             "amp": config.amp, "channels_last": config.channels_last, "optimizers": config.optimizer,
             "skip_unread_aux": config.skip_unread_aux, "classifier_first": config.classifier_first,
-            "matmul_resize": config.matmul_resize}
+            "matmul_resize": config.matmul_resize, "fused_loss": config.fused_loss}
 
 
 def mpl_jobs(bench, recorder):
@@ -72,5 +73,7 @@ def mpl_jobs(bench, recorder):
             for kind, name in (("adversarial", "adversarial step (ours)"), ("pham", "MPL step, pham feedback"),
                                ("course", "MPL step, course feedback"),
                                ("adversarial_fast_paths", "adversarial step, the model's speed levers off"),
-                               ("pham_fast_paths", "MPL step, pham feedback, the model's speed levers off"))
-            if kind in p.mpl_variants]
+                               ("pham_fast_paths", "MPL step, pham feedback, the model's speed levers off"),
+                               ("adversarial_fused_loss", "adversarial step, --fused-loss on"),
+                               ("pham_fused_loss", "MPL step, pham feedback, --fused-loss on"))
+            if kind in p.mpl_variants and (bench.cuda or not kind.endswith("_fused_loss"))]
