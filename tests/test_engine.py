@@ -172,6 +172,25 @@ def test_a_refused_step_leaves_every_parameter_and_buffer_as_it_was(poisoned):
     assert optimizer.state_dict()["state"] == {} and optimizer_d.state_dict()["state"] == {}  # no step taken
 
 
+@pytest.mark.parametrize("pseudo_labels", [False, True])
+def test_an_adversarial_step_reads_tensor_values_on_the_host_once(monkeypatch, pseudo_labels):
+    """On a GPU every read of a tensor's value by the host waits for the device: the step checks its
+    losses (source, target, discriminator) in one sync, before its first update (fp32: no GradScaler)."""
+    model, disc, optimizer, optimizer_d, precision, scaler, scaler_d = _parts()
+    source_images, source_labels = _batch(1)
+    target_images, target_labels = _batch(2, labels=pseudo_labels)
+    counted = []
+    for name in ("__bool__", "item", "tolist", "__float__", "__int__"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _real=real, _name=name, **k:
+                            counted.append(_name) or _real(self, *a, **k))
+    losses = adversarial_step(model, disc, optimizer, optimizer_d, scaler, scaler_d, precision,
+                              source_images, source_labels, target_images, target_labels)
+    monkeypatch.undo()
+    assert counted == ["tolist"]
+    assert set(losses) == {"loss_seg", "loss_adv", "loss_d", *(["loss_pseudo"] if pseudo_labels else [])}
+
+
 def test_poly_learning_rate():
     assert poly_lr(0.1, 0, 100) == pytest.approx(0.1)
     assert poly_lr(0.1, 50, 100) == pytest.approx(0.1 * 0.5 ** 0.9)

@@ -178,12 +178,12 @@ def test_a_non_finite_teacher_discriminator_loss_refuses_the_teacher_update(monk
     assert step.student.optimizer.state  # the student had stepped: what the module docstring says
 
 
-@pytest.mark.parametrize("rule, reads", [("pham", 6), ("course", 5)])
+@pytest.mark.parametrize("rule, reads", [("pham", 4), ("course", 3)])
 def test_the_step_reads_tensor_values_on_the_host_once_per_finiteness_check_only(monkeypatch, rule, reads):
     # On a GPU each read of a tensor's value by the host waits for the device. What is left: one
     # finiteness check per update (pham: the teacher's target terms, the pseudo-label step with the
-    # labeled loss before it, the student's source, target and discriminator losses, the teacher's
-    # losses with its discriminator's); the step before read 10 (pham) and 8 (course) values.
+    # labeled loss before it, the student's adversarial step, the teacher's losses with its
+    # discriminator's); the step before read 10 (pham) and 8 (course) values.
     step = _step(rule, 0.5)
     step(*_batches(0), 0)  # the first iteration refreshes the thresholds: a later one is the usual one
     counted = []

@@ -71,7 +71,6 @@ def adversarial_step(model, discriminator, optimizer, optimizer_d, scaler, scale
         source_outputs = forward_heads(model, source_images)
         loss_seg = segmentation_loss(source_outputs, source_labels)
     losses = {"loss_seg": loss_seg}
-    check_finite(losses)
     scaler.scale(loss_seg).backward()
     source_main = main_output(source_outputs).detach()
     del source_outputs
@@ -92,20 +91,26 @@ def adversarial_step(model, discriminator, optimizer, optimizer_d, scaler, scale
             for name, (weight, loss) in (target_terms(target_outputs) if target_terms is not None else {}).items():
                 losses[name] = loss
                 loss_target = loss_target + weight * loss
-        check_finite(losses)
         scaler.scale(loss_target).backward()
         del target_outputs
     if extra_terms is not None:
         with precision.autocast():
             loss_extra, logged = extra_terms(model)
         losses.update(logged)
-        check_finite(logged)
         scaler.scale(loss_extra).backward()
+    checked = losses
     if discriminator is not None:
         # The discriminator's loss reads detached maps and D's own weights, which the segmentation
-        # update does not touch: computed (and checked) before that update, a non-finite value
-        # refuses the whole step, segmentation included, instead of half of it.
-        loss_d = discriminator_loss(discriminator, optimizer_d, precision, source_main, target_probabilities)
+        # update does not touch: computed before that update and checked with every other loss, a
+        # non-finite value refuses the whole step, segmentation included, instead of half of it.
+        loss_d = discriminator_loss(discriminator, optimizer_d, precision, source_main, target_probabilities,
+                                    check=False)
+        checked = {**losses, "loss_d": loss_d}
+    # One finiteness check (one host sync) for the whole step, before the first update: the
+    # backward passes before it only fill gradients, which a refused step discards (and the
+    # buffers they moved are restored by the loop), so checking each term before its backward
+    # would only add syncs, each stalling the device's queue.
+    check_finite(checked)
     scaler.step(optimizer)
     scaler.update()
 
