@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from dataset.labels import IGNORE_INDEX
 from engine.steps import check_finite, main_output, segmentation_loss, set_requires_grad, unwrap
-from uda.adversarial import SOURCE_DOMAIN, discriminator_step, domain_loss
+from uda.adversarial import SOURCE_DOMAIN, discriminator_loss, discriminator_update, domain_loss
 from uda.meta_pseudo_labels import augment_view, flip_where
 from uda.mpl_feedback import (CourseFeedback, _student_adversarial_step, course_coefficient, mean_over_ranks,
                               running_stats_frozen)
@@ -130,7 +130,9 @@ def reference_mpl_step(step, source_images, source_labels, target_images, iterat
     del source_outputs
     teacher.scaler.step(teacher.optimizer)
     teacher.scaler.update()
-    terms["t_loss_d"] = discriminator_step(teacher.discriminator, teacher.optimizer_d, teacher.scaler_d, precision,
-                                           source_logits, target_probabilities, loss_name="t_loss_d")
+    loss_d = discriminator_loss(teacher.discriminator, teacher.optimizer_d, precision, source_logits,
+                                target_probabilities)
+    check_finite({"t_loss_d": loss_d})
+    terms["t_loss_d"] = discriminator_update(teacher.optimizer_d, teacher.scaler_d, loss_d)
     return {**student_losses, **{name: value.detach() for name, value in terms.items()},
             "mpl_coefficient": coefficient, "pl_kept": kept, **feedback_logs}

@@ -4,7 +4,7 @@ discriminator (FCD or the light DSC) that tells its source softmax maps from its
 One step (``adversarial_step``): the source cross-entropy; on the target batch ``lambda_adv`` x the
 discriminator's loss against the *source* label (with D frozen), plus pseudo-label and any
 self-training terms; then the discriminator learns source -> 0, target -> 1 on detached maps
-(``discriminator_step``). The flags are in ``cli.method_options``.
+(``discriminator_loss``, ``discriminator_update``). The flags are in ``cli.method_options``.
 """
 import torch
 import torch.nn.functional as F
@@ -103,8 +103,7 @@ def adversarial_step(model, discriminator, optimizer, optimizer_d, scaler, scale
         # The discriminator's loss reads detached maps and D's own weights, which the segmentation
         # update does not touch: computed before that update and checked with every other loss, a
         # non-finite value refuses the whole step, segmentation included, instead of half of it.
-        loss_d = discriminator_loss(discriminator, optimizer_d, precision, source_main, target_probabilities,
-                                    check=False)
+        loss_d = discriminator_loss(discriminator, optimizer_d, precision, source_main, target_probabilities)
         checked = {**losses, "loss_d": loss_d}
     # One finiteness check (one host sync) for the whole step, before the first update: the
     # backward passes before it only fill gradients, which a refused step discards (and the
@@ -119,19 +118,16 @@ def adversarial_step(model, discriminator, optimizer, optimizer_d, scaler, scale
     return {name: value.detach() for name, value in losses.items()}
 
 
-def discriminator_loss(discriminator, optimizer, precision, source_logits, target_probabilities, loss_name="loss_d",
-                       check=True):
+def discriminator_loss(discriminator, optimizer, precision, source_logits, target_probabilities):
     """AdaptSegNet's discriminator loss on detached maps: source -> source label, target -> target
-    label, mean of the two BCE terms; checked finite before it is returned (``check=False``: the
-    caller checks it, with its own losses in one sync)."""
+    label, mean of the two BCE terms. Not checked here: the caller checks it with its own losses,
+    in one sync, before any update (``discriminator_update`` follows)."""
     set_requires_grad(unwrap(discriminator), True)
     optimizer.zero_grad(set_to_none=True)
     with precision.autocast():
         source_probabilities = F.softmax(source_logits.detach().float(), dim=1)
         loss_d = 0.5 * (domain_loss(discriminator, source_probabilities, SOURCE_DOMAIN)
                         + domain_loss(discriminator, target_probabilities.detach(), TARGET_DOMAIN))
-    if check:
-        check_finite({loss_name: loss_d})
     return loss_d
 
 
@@ -142,9 +138,3 @@ def discriminator_update(optimizer, scaler, loss_d):
     scaler.update()
     return loss_d.detach()
 
-
-def discriminator_step(discriminator, optimizer, scaler, precision, source_logits, target_probabilities,
-                       loss_name="loss_d"):
-    """The discriminator's loss and update in one (MPL's teacher discriminator). Returns the detached loss."""
-    loss_d = discriminator_loss(discriminator, optimizer, precision, source_logits, target_probabilities, loss_name)
-    return discriminator_update(optimizer, scaler, loss_d)

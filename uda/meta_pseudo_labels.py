@@ -295,8 +295,7 @@ class MPLStep:
             # touch: computed now and checked with the teacher's losses, in one sync before any of the two
             # updates (the target terms' graph recorded D frozen, so the backward below leaves D alone).
             terms["t_loss_d"] = discriminator_loss(teacher.discriminator, teacher.optimizer_d, precision,
-                                                   main_output(source_outputs).detach(), target_probabilities,
-                                                   check=False)
+                                                   main_output(source_outputs).detach(), target_probabilities)
             checked["t_loss_d"] = terms["t_loss_d"]
         check_finite(checked)
         teacher.scaler.scale(loss_teacher + terms["t_loss_seg"]).backward()
