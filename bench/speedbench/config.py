@@ -181,7 +181,7 @@ class TrainConfig:
     optimizer: str = "for-loop"    # for-loop | foreach | fused (engine.optim.build_optimizer)
     compile: str = None            # None | "scripts" (engine.compilation.compile_network, as --compile on)
     discriminator_channels_last: bool = False
-    finite_checks: bool = True     # False: engine.steps.check_finite (3 host syncs per step) patched out
+    finite_checks: bool = True     # False: engine.steps.check_finite (its one host sync per step) patched out
     # The model's speed levers (BiSeNet.set_speed_levers; docs/speed.md), off in the naive baseline.
     skip_unread_aux: bool = False  # target passes without the auxiliary heads no loss reads (exact)
     classifier_first: bool = False  # --classifier-first: 1x1 classifier before the x8 upsampling
@@ -219,7 +219,7 @@ CUDA_TRAIN_LEVERS = (
                 depthwise="triton"),
     TrainConfig("ours_d_cl", "ours + discriminator channels_last", **CUDA_LEVERS, discriminator_channels_last=True),
     TrainConfig("ours_foreach", "ours with foreach optimizers instead of fused", **dict(CUDA_LEVERS, optimizer="foreach")),
-    TrainConfig("ours_no_sync", "ours without the per-step finiteness checks (3 host syncs; bench-only patch)",
+    TrainConfig("ours_no_sync", "ours without the per-step finiteness check (one host sync; bench-only patch)",
                 **CUDA_LEVERS, finite_checks=False),
 )
 TRAIN_NAIVE_CPU = TrainConfig("naive", "naive: fp32, NCHW, for-loop optimizers")
