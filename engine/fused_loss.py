@@ -1,4 +1,5 @@
-"""Fused bilinear upsampling + log-softmax + NLL (ignore 255) as Triton kernels (``--fused-loss``).
+"""Fused bilinear upsampling + log-softmax + NLL (ignore 255), and upsampling + softmax, as Triton
+kernels (``--fused-loss``).
 
 ``fused_upsampled_cross_entropy(logits, labels)`` is
 
@@ -21,6 +22,18 @@ float32), without the full-resolution logits ever existing:
   recomputed from the stored log-sum-exp, about twice per output pixel), a second sums T over the
   rows into each low-resolution pixel. Each pass writes every element once, in a fixed order of
   sums: deterministic.
+
+``fused_upsampled_softmax(logits, size)`` is the discriminator's input,
+
+    F.softmax(F.interpolate(logits.float(), size, mode="bilinear", align_corners=False), dim=1),
+
+float32 and contiguous as F.softmax returns it, from the same low-resolution logits:
+
+* forward: per output pixel the same interpolation, then exp(z - max) / sum;
+* backward: the same two gathers. The first sums, per output row and low-resolution column, the
+  softmax backward p * (g - sum_k g p) of the output pixels reading that column, weighted (p the
+  saved map, g its gradient, both read through their strides); the second is the loss's row pass
+  with a scale of 1. No atomic adds: deterministic.
 
 Not run on a GPU yet (no device was lent when it was written): it is tested on the CPU with
 Triton's interpreter (``TRITON_INTERPRET=1``, tests/test_fused_loss.py); the flag is off by default.
