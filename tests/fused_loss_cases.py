@@ -146,6 +146,12 @@ def adversarial_batch():
     return source, source_labels, target, target_labels
 
 
+# The adversarial term's weight in that step: 1 rather than the scripts' 1e-3, so that its gradient
+# (through the discriminator and the softmax) weighs in the segmentation gradients as much as the
+# cross-entropy's and a wrong softmax backward shows there.
+ADVERSARIAL_WEIGHT = 1.0
+
+
 def run_adversarial_step(fused_loss):
     """One uda.adversarial.adversarial_step (source CE, adversarial + pseudo-label terms on the target,
     discriminator step): its losses, the segmentation and discriminator gradients it applied, and how
@@ -155,7 +161,8 @@ def run_adversarial_step(fused_loss):
     source, source_labels, target, target_labels = adversarial_batch()
     with mock.patch.object(LowResLogits, "full", autospec=True, side_effect=LowResLogits.full) as full:
         losses = adversarial_step(model, discriminator, optimizer, optimizer_d, precision.grad_scaler(),
-                                  precision.grad_scaler(), precision, source, source_labels, target, target_labels)
+                                  precision.grad_scaler(), precision, source, source_labels, target, target_labels,
+                                  lambda_adv=ADVERSARIAL_WEIGHT)
     return {"losses": losses, "grads": grads[0], "grads_d": grads_d[0], "full_calls": full.call_count}
 
 

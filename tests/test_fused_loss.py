@@ -35,13 +35,23 @@ def interpreted(tmp_path_factory):
     return run_in_triton_interpreter("fused_loss_cases.py", tmp_path_factory.mktemp("fused_loss") / "cases.pt")
 
 
-def _reference(logits, labels, upstream=1.0):
-    """Loss and gradient by the reference ops, in float32 (the fused kernel reads any dtype as float32)."""
+def _float32_reference(function, logits, upstream):
+    """``function`` of ``logits`` read in float32 (as the kernels read any dtype) and the gradient of
+    ``logits`` for the ``upstream`` gradient, by autograd."""
     leaf = logits.detach().float().requires_grad_()
-    upsampled = F.interpolate(leaf, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-    loss = F.cross_entropy(upsampled, labels, ignore_index=IGNORE, reduction="sum")
-    (loss * upstream).backward()
-    return loss.detach(), leaf.grad
+    value = function(leaf)
+    value.backward(torch.as_tensor(upstream, dtype=value.dtype).expand_as(value))
+    return value.detach(), leaf.grad
+
+
+def _upsampled(logits, size):
+    return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+
+
+def _reference(logits, labels, upstream=1.0):
+    """Loss and gradient by the reference ops, F.interpolate + F.cross_entropy."""
+    return _float32_reference(lambda leaf: F.cross_entropy(_upsampled(leaf, labels.shape[-2:]), labels,
+                                                           ignore_index=IGNORE, reduction="sum"), logits, upstream)
 
 
 @pytest.mark.slow
@@ -73,11 +83,8 @@ def test_bfloat16_logits_are_read_in_float32(interpreted):
 
 
 def _reference_softmax(logits, size, upstream):
-    """Softmax map and gradient by the reference ops, in float32 (the kernel reads any dtype as float32)."""
-    leaf = logits.detach().float().requires_grad_()
-    probs = F.softmax(F.interpolate(leaf, size=size, mode="bilinear", align_corners=False), dim=1)
-    probs.backward(upstream)
-    return probs.detach(), leaf.grad
+    """Softmax map and gradient by the reference ops, F.interpolate + F.softmax."""
+    return _float32_reference(lambda leaf: F.softmax(_upsampled(leaf, size), dim=1), logits, upstream)
 
 
 @pytest.mark.slow
