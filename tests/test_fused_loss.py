@@ -4,7 +4,7 @@ against the reference ops, F.interpolate(bilinear, align_corners=False) + F.cros
 
 The Triton kernels run in Triton's CPU interpreter, in a subprocess (tests/fused_loss_cases.py,
 TRITON_INTERPRET=1 set before Triton is imported) that saves its losses and gradients; the
-references are computed here. The subprocess takes about 9 s of CPU (15-20 s wall on two busy
+references are computed here. The subprocess takes about 12 s of CPU (13-15 s wall on two busy
 cores), hence the slow mark on the tests that read it.
 """
 import sys
