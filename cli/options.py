@@ -175,7 +175,8 @@ def add_runtime_args(parser):
                             "function, other rounding (auto: on for CUDA, off on the CPU; docs/speed.md)")
     group.add_argument("--fused-loss", default="off", choices=("auto", "on", "off"),
                        help="segmentation losses as one Triton kernel (bilinear upsampling + log-softmax + NLL of "
-                            "each head's low-resolution logits, gathering backward): the same function in float32, "
+                            "each head's low-resolution logits, gathering backward), and the discriminator's softmax "
+                            "maps as another (upsampling + softmax): the same functions in float32, "
                             "other rounding; CUDA and Triton only. Never run on a GPU yet, hence off by default "
                             "(auto: on for CUDA with Triton; docs/speed.md)")
     group.add_argument("--depthwise", default="auto", choices=("auto", *DEPTHWISE_IMPLEMENTATIONS),

@@ -1,4 +1,5 @@
-"""Fused bilinear upsampling + log-softmax + NLL (ignore 255) as Triton kernels (``--fused-loss``).
+"""Fused bilinear upsampling + log-softmax + NLL (ignore 255), and upsampling + softmax, as Triton
+kernels (``--fused-loss``).
 
 ``fused_upsampled_cross_entropy(logits, labels)`` is
 
@@ -22,6 +23,18 @@ float32), without the full-resolution logits ever existing:
   rows into each low-resolution pixel. Each pass writes every element once, in a fixed order of
   sums: deterministic.
 
+``fused_upsampled_softmax(logits, size)`` is the discriminator's input,
+
+    F.softmax(F.interpolate(logits.float(), size, mode="bilinear", align_corners=False), dim=1),
+
+float32 and contiguous as F.softmax returns it, from the same low-resolution logits:
+
+* forward: per output pixel the same interpolation, then exp(z - max) / sum;
+* backward: the same two gathers. The first sums, per output row and low-resolution column, the
+  softmax backward p * (g - sum_k g p) of the output pixels reading that column, weighted (p the
+  saved map, g its gradient, both read through their strides); the second is the loss's row pass
+  with a scale of 1. No atomic adds: deterministic.
+
 Not run on a GPU yet (no device was lent when it was written): it is tested on the CPU with
 Triton's interpreter (``TRITON_INTERPRET=1``, tests/test_fused_loss.py); the flag is off by default.
 Triton is imported on first use, so machines without it never import it.
@@ -35,11 +48,13 @@ from utils.triton_support import interpreted, triton_unavailable
 
 # Items per program on a GPU; tiles are [items, K padded to a power of two], float32. Not timed (no
 # device yet): chosen so that ptxas (sm_90, 4 warps, K = 19, bf16 logits) neither spills nor needs
-# more than 128 registers a thread (measured: 80, 126 and 123; twice these blocks: 158, 255 with
-# spills, 207).
+# more than 128 registers a thread (measured: 80, 126, 123, 122 and 80; twice these blocks: 158,
+# 255 with spills, 207, 232 and 148).
 BLOCK_PIXELS = 32        # forward: output pixels
 BLOCK_COLUMN_PASS = 16   # backward, first pass: (output row, low-resolution column) pairs
-BLOCK_ROW_PASS = 32      # backward, second pass: low-resolution pixels
+BLOCK_ROW_PASS = 32      # backward, second pass: low-resolution pixels (the softmax's second pass too)
+BLOCK_SOFTMAX_PIXELS = 32        # the softmax's forward: output pixels
+BLOCK_SOFTMAX_COLUMN_PASS = 16   # the softmax's backward, first pass
 INTERPRETER_BLOCK = 4096
 
 
@@ -93,6 +108,18 @@ def _programs(items, block):
     return max(1, -(-items // block))
 
 
+def _row_pass(partial, scale, grad, rows, out_h):
+    """The backward's second gather (shared by the loss and the softmax): ``grad`` [B, K, h, w], in its
+    own layout, = ``scale`` x the sum of ``partial`` [B, out_h, w, K] over the output rows reading each
+    low-resolution row."""
+    batch, num_classes, in_h, in_w = grad.shape
+    n_low = batch * in_h * in_w
+    block = _block(n_low, BLOCK_ROW_PASS)
+    _kernels().row_pass_kernel[(_programs(n_low, block),)](
+        partial, scale, grad, *rows[:6], n_low, in_h, in_w, out_h, num_classes, *grad.stride(), rows[6],
+        BLOCK_Q=block, BLOCK_K=_block_classes(num_classes))
+
+
 class _FusedUpsampledCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, ignore_index):
@@ -132,11 +159,7 @@ class _FusedUpsampledCrossEntropy(torch.autograd.Function):
         kernels.column_pass_kernel[(_programs(n_items, block),)](
             logits, labels, lse, partial, *rows[:4], *cols[:6], n_items, in_w, out_h, out_w, num_classes,
             *logits.stride(), ctx.ignore_index, cols[6], BLOCK_Q=block, BLOCK_K=block_k)
-        n_low = batch * in_h * in_w
-        block = _block(n_low, BLOCK_ROW_PASS)
-        kernels.row_pass_kernel[(_programs(n_low, block),)](
-            partial, grad_output.detach().float().contiguous(), grad, *rows[:6], n_low, in_h, in_w, out_h,
-            num_classes, *grad.stride(), rows[6], BLOCK_Q=block, BLOCK_K=block_k)
+        _row_pass(partial, grad_output.detach().float().contiguous(), grad, rows, out_h)
         return grad, None, None
 
 
@@ -149,3 +172,60 @@ def fused_upsampled_cross_entropy(logits, labels, ignore_index=IGNORE_INDEX):
         raise ValueError(f"expected logits [B, K, h, w] and labels [B, H, W], got {tuple(logits.shape)} "
                          f"and {tuple(labels.shape)}")
     return _FusedUpsampledCrossEntropy.apply(logits, labels, int(ignore_index))
+
+
+def _channels_last(tensor):
+    return not tensor.is_contiguous() and tensor.is_contiguous(memory_format=torch.channels_last)
+
+
+class _FusedUpsampledSoftmax(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, size):
+        batch, num_classes, in_h, in_w = logits.shape
+        out_h, out_w = size
+        rows, cols = axis_tables(in_h, out_h, logits.device), axis_tables(in_w, out_w, logits.device)
+        # Contiguous (NCHW), as F.softmax returns it from any input layout (CPU and CUDA): the
+        # discriminator gets the layout it got without the fused kernel.
+        probs = torch.empty((batch, num_classes, out_h, out_w), device=logits.device, dtype=torch.float32)
+        n_pixels = batch * out_h * out_w
+        if n_pixels and num_classes:
+            block = _block(n_pixels, BLOCK_SOFTMAX_PIXELS)
+            _kernels().softmax_forward_kernel[(_programs(n_pixels, block),)](
+                logits, probs, *rows[:4], *cols[:4], n_pixels, out_h, out_w, num_classes, *logits.stride(),
+                *probs.stride(), BLOCK_P=block, BLOCK_K=_block_classes(num_classes))
+        ctx.save_for_backward(probs)
+        ctx.logits_layout = (logits.shape, logits.dtype,
+                             torch.channels_last if _channels_last(logits) else torch.contiguous_format)
+        return probs
+
+    @staticmethod
+    def backward(ctx, grad_probs):
+        (probs,) = ctx.saved_tensors
+        shape, dtype, layout = ctx.logits_layout
+        batch, num_classes, in_h, in_w = shape
+        out_h, out_w = probs.shape[-2:]
+        rows, cols = axis_tables(in_h, out_h, probs.device), axis_tables(in_w, out_w, probs.device)
+        grad = torch.empty(shape, device=probs.device, dtype=dtype, memory_format=layout)  # the logits' layout
+        if not grad.numel() or not probs.numel():
+            return grad.zero_(), None
+        # Softmax backward per output pixel, gathered over the output columns reading each
+        # low-resolution column, then (row_pass_kernel, scale 1) over the rows: the loss's two passes.
+        n_items = batch * out_h * in_w
+        partial = torch.empty(n_items, num_classes, device=probs.device, dtype=torch.float32)
+        block = _block(n_items, BLOCK_SOFTMAX_COLUMN_PASS)
+        _kernels().softmax_column_pass_kernel[(_programs(n_items, block),)](
+            probs, grad_probs, partial, *cols[:6], n_items, in_w, out_h, num_classes, *probs.stride(),
+            *grad_probs.stride(), cols[6], BLOCK_Q=block, BLOCK_K=_block_classes(num_classes))
+        _row_pass(partial, torch.ones(1, device=probs.device, dtype=torch.float32), grad, rows, out_h)
+        return grad, None
+
+
+def fused_upsampled_softmax(logits, size):
+    """``F.softmax(F.interpolate(logits.float(), size, mode="bilinear", align_corners=False), dim=1)``
+    of ``logits`` [B, K, h, w] (contiguous or channels_last, any float dtype, read in float32): float32
+    [B, K, *size], contiguous like F.softmax's output. Differentiable with respect to ``logits`` (the
+    gradient has their dtype and layout)."""
+    if logits.dim() != 4 or len(size) != 2:
+        raise ValueError(f"expected logits [B, K, h, w] and an output size (H, W), got {tuple(logits.shape)} "
+                         f"and {tuple(size)}")
+    return _FusedUpsampledSoftmax.apply(logits, tuple(int(s) for s in size))

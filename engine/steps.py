@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from dataset.labels import IGNORE_INDEX
-from engine.fused_loss import fused_upsampled_cross_entropy
+from engine.fused_loss import fused_upsampled_cross_entropy, fused_upsampled_softmax
 from model.resize import LowResLogits
 
 
@@ -36,11 +36,25 @@ def forward_heads(model, images, **kwargs):
     return model(images, **kwargs)
 
 
+def main_head(outputs):
+    """The main prediction of a BiSeNet output (a tuple in training mode, a tensor in eval) as the
+    network returned it: a tensor, or ``LowResLogits`` with the fused loss on."""
+    return outputs[0] if isinstance(outputs, (tuple, list)) else outputs
+
+
 def main_output(outputs):
-    """The main prediction of a BiSeNet output (a tuple in training mode, a tensor in eval), as a
-    full-resolution tensor (``LowResLogits`` upsampled, once)."""
-    main = outputs[0] if isinstance(outputs, (tuple, list)) else outputs
+    """``main_head`` as a full-resolution tensor (``LowResLogits`` upsampled, once)."""
+    main = main_head(outputs)
     return main.full() if isinstance(main, LowResLogits) else main
+
+
+def class_probabilities(logits):
+    """The float32 softmax over the classes of [B, K, H, W] logits, contiguous: what the discriminator
+    reads. ``LowResLogits`` go to the fused upsample + softmax kernel (``engine.fused_loss``): the
+    full-resolution logits are never made."""
+    if isinstance(logits, LowResLogits):
+        return fused_upsampled_softmax(logits.logits, logits.size)
+    return F.softmax(logits.float(), dim=1)
 
 
 def summed_cross_entropy(logits, labels):

@@ -132,6 +132,10 @@ class LowResLogits:
             self._full = self.resize(self.logits, self.size)
         return self._full
 
+    def detach(self):
+        """The same logits cut from the autograd graph (as ``Tensor.detach``), not yet upsampled."""
+        return LowResLogits(self.logits.detach(), self.size, self.resize)
+
 
 torch.utils._pytree.register_pytree_node(
     LowResLogits, lambda item: ([item.logits], (item.size, item.resize)),

@@ -2,22 +2,24 @@
 
 tests/test_fused_loss.py runs this file in a subprocess with TRITON_INTERPRET=1 (``triton.jit``
 reads it when the kernels' module is imported, so it must be set before the first import) and
-compares the saved losses and gradients with references it computes itself from F.interpolate and
-F.cross_entropy. Usage: python tests/fused_loss_cases.py OUT.pt
+compares the saved losses, softmax maps and gradients with references it computes itself from
+F.interpolate, F.cross_entropy and F.softmax. Usage: python tests/fused_loss_cases.py OUT.pt
 """
 import os
 import sys
 from pathlib import Path
+from unittest import mock
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine.fused_loss import fused_upsampled_cross_entropy, interpreted  # noqa: E402
+from engine.fused_loss import fused_upsampled_cross_entropy, fused_upsampled_softmax, interpreted  # noqa: E402
 from engine.optim import build_optimizer  # noqa: E402
 from engine.precision import Precision  # noqa: E402
 from engine.steps import forward_heads, main_output, segmentation_loss  # noqa: E402
 from model import build_bisenet, build_discriminator  # noqa: E402
+from model.resize import LowResLogits  # noqa: E402
 from uda.adversarial import adversarial_step  # noqa: E402
 
 IGNORE = 255
@@ -34,11 +36,28 @@ CASES = {
 }
 
 
+# The softmax: name: (batch, classes, low (h, w), output (H, W), dtype, channels_last logits and upstream gradient)
+SOFTMAX_CASES = {
+    "fp32": (2, 5, (6, 7), (48, 56), torch.float32, False),
+    "fp32_channels_last": (2, 5, (6, 7), (48, 56), torch.float32, True),
+    "bf16_channels_last": (2, 5, (6, 7), (48, 56), torch.bfloat16, True),
+    "odd_sizes": (1, 3, (5, 3), (17, 11), torch.float32, False),
+    "mixed_axes": (2, 4, (5, 9), (12, 4), torch.float32, True),   # x2.4 rows, x0.44 columns
+    "nineteen_classes": (1, 19, (3, 4), (24, 32), torch.float32, True),
+}
+
+
+def layout(tensor, channels_last):
+    return tensor.contiguous(memory_format=torch.channels_last) if channels_last else tensor
+
+
+def random_logits(generator, batch, classes, low, dtype, channels_last):
+    return layout((3 * torch.randn(batch, classes, *low, generator=generator)).to(dtype), channels_last)
+
+
 def make_case(seed, batch, classes, low, out, dtype, channels_last, ignored):
     generator = torch.Generator().manual_seed(seed)
-    logits = (3 * torch.randn(batch, classes, *low, generator=generator)).to(dtype)
-    if channels_last:
-        logits = logits.contiguous(memory_format=torch.channels_last)
+    logits = random_logits(generator, batch, classes, low, dtype, channels_last)
     labels = torch.randint(0, classes, (batch, *out), generator=generator)
     labels[torch.rand(batch, *out, generator=generator) < ignored] = IGNORE
     return logits, labels
@@ -55,6 +74,25 @@ def run_kernel_cases():
         (fused_upsampled_cross_entropy(again, labels) * upstream).backward()
         results[name] = {"logits": logits, "labels": labels, "upstream": upstream, "loss": loss.detach(),
                          "grad": leaf.grad, "grad_again": again.grad}
+    return results
+
+
+def run_softmax_cases():
+    """fused_upsampled_softmax forward and backward (a random upstream gradient, in the logits'
+    layout), twice."""
+    results = {}
+    for seed, (name, (batch, classes, low, out, dtype, channels_last)) in enumerate(SOFTMAX_CASES.items()):
+        generator = torch.Generator().manual_seed(100 + seed)
+        logits = random_logits(generator, batch, classes, low, dtype, channels_last)
+        upstream = layout(torch.randn(batch, classes, *out, generator=generator), channels_last)
+        runs = []
+        for _ in range(2):
+            leaf = logits.clone().requires_grad_()
+            probs = fused_upsampled_softmax(leaf, out)
+            probs.backward(upstream)
+            runs.append((probs.detach(), leaf.grad))
+        results[name] = {"logits": logits, "size": out, "upstream": upstream, "probs": runs[0][0],
+                         "grad": runs[0][1], "probs_again": runs[1][0], "grad_again": runs[1][1]}
     return results
 
 
@@ -77,21 +115,26 @@ def run_bisenet_case():
 
 
 def adversarial_parts(fused_loss):
-    """A BiSeNet (5 classes) and a DSC with their optimizers; the segmentation optimizer records the
-    gradients it is asked to apply. With ``fused_loss`` the fused loss, else the classifier-first order."""
+    """A BiSeNet (5 classes) and a DSC with their optimizers, each optimizer recording the gradients it
+    is asked to apply. With ``fused_loss`` the fused loss, else the classifier-first order."""
     torch.manual_seed(0)
     model = build_bisenet("resnet18", num_classes=5).train().set_speed_levers(
         classifier_first=not fused_loss, fused_loss=fused_loss)
     discriminator = build_discriminator("dsc", num_classes=5).train()
     optimizer = build_optimizer("sgd", model.parameters(), 1e-2)
+    optimizer_d = build_optimizer("adam", discriminator.parameters(), 1e-3, weight_decay=0.0)
+    return model, discriminator, optimizer, optimizer_d, recording(optimizer, model), recording(optimizer_d, discriminator)
+
+
+def recording(optimizer, module):
+    """The gradients of ``module`` at each ``optimizer.step`` (a list that fills as it steps)."""
     grads, step = [], optimizer.step
 
     def recording_step(*args, **kwargs):
-        grads.append({name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None})
+        grads.append({name: p.grad.clone() for name, p in module.named_parameters() if p.grad is not None})
         return step(*args, **kwargs)
     optimizer.step = recording_step
-    optimizer_d = build_optimizer("adam", discriminator.parameters(), 1e-3, weight_decay=0.0)
-    return model, discriminator, optimizer, optimizer_d, grads
+    return grads
 
 
 def adversarial_batch():
@@ -103,15 +146,24 @@ def adversarial_batch():
     return source, source_labels, target, target_labels
 
 
+# The adversarial term's weight in that step: 1 rather than the scripts' 1e-3, so that its gradient
+# (through the discriminator and the softmax) weighs in the segmentation gradients as much as the
+# cross-entropy's and a wrong softmax backward shows there.
+ADVERSARIAL_WEIGHT = 1.0
+
+
 def run_adversarial_step(fused_loss):
     """One uda.adversarial.adversarial_step (source CE, adversarial + pseudo-label terms on the target,
-    discriminator step): its losses and the segmentation gradients it applied."""
-    model, discriminator, optimizer, optimizer_d, grads = adversarial_parts(fused_loss)
+    discriminator step): its losses, the segmentation and discriminator gradients it applied, and how
+    many heads it upsampled to full resolution (``LowResLogits.full``)."""
+    model, discriminator, optimizer, optimizer_d, grads, grads_d = adversarial_parts(fused_loss)
     precision = Precision(torch.device("cpu"), "off")
     source, source_labels, target, target_labels = adversarial_batch()
-    losses = adversarial_step(model, discriminator, optimizer, optimizer_d, precision.grad_scaler(),
-                              precision.grad_scaler(), precision, source, source_labels, target, target_labels)
-    return {"losses": losses, "grads": grads[0]}
+    with mock.patch.object(LowResLogits, "full", autospec=True, side_effect=LowResLogits.full) as full:
+        losses = adversarial_step(model, discriminator, optimizer, optimizer_d, precision.grad_scaler(),
+                                  precision.grad_scaler(), precision, source, source_labels, target, target_labels,
+                                  lambda_adv=ADVERSARIAL_WEIGHT)
+    return {"losses": losses, "grads": grads[0], "grads_d": grads_d[0], "full_calls": full.call_count}
 
 
 def run_mpl_step(fused_loss, rule):
@@ -128,7 +180,7 @@ def run_mpl_step(fused_loss, rule):
     precision = Precision(torch.device("cpu"), "off")
     learners, applied = [], []
     for role in ("student", "teacher"):
-        model, discriminator, optimizer, optimizer_d, grads = adversarial_parts(fused_loss)
+        model, discriminator, optimizer, optimizer_d, grads, _ = adversarial_parts(fused_loss)
         applied.append(grads)
         if role == "teacher":  # other weights than the student's
             torch.manual_seed(1)
@@ -165,7 +217,7 @@ def run_mpl_step(fused_loss, rule):
 def main(path):
     assert os.environ.get("TRITON_INTERPRET") == "1" and interpreted()
     torch.set_num_threads(1)
-    torch.save({"kernels": run_kernel_cases(), "bisenet": run_bisenet_case(),
+    torch.save({"kernels": run_kernel_cases(), "softmax": run_softmax_cases(), "bisenet": run_bisenet_case(),
                 "adversarial": run_adversarial_step(fused_loss=True),
                 "mpl": {rule: run_mpl_step(True, rule) for rule in ("pham", "course")}}, path)
 

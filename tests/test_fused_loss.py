@@ -1,9 +1,10 @@
-"""The fused upsample + log-softmax + NLL of engine.fused_loss (--fused-loss) against the reference
-ops, F.interpolate(bilinear, align_corners=False) + F.cross_entropy(reduction="sum", ignore 255).
+"""The fused upsample + log-softmax + NLL and upsample + softmax of engine.fused_loss (--fused-loss)
+against the reference ops, F.interpolate(bilinear, align_corners=False) + F.cross_entropy(reduction=
+"sum", ignore 255) or F.softmax.
 
 The Triton kernels run in Triton's CPU interpreter, in a subprocess (tests/fused_loss_cases.py,
 TRITON_INTERPRET=1 set before Triton is imported) that saves its losses and gradients; the
-references are computed here. The subprocess takes about 8 s of CPU (15-20 s wall on two busy
+references are computed here. The subprocess takes about 12 s of CPU (13-15 s wall on two busy
 cores), hence the slow mark on the tests that read it.
 """
 import sys
@@ -34,13 +35,23 @@ def interpreted(tmp_path_factory):
     return run_in_triton_interpreter("fused_loss_cases.py", tmp_path_factory.mktemp("fused_loss") / "cases.pt")
 
 
-def _reference(logits, labels, upstream=1.0):
-    """Loss and gradient by the reference ops, in float32 (the fused kernel reads any dtype as float32)."""
+def _float32_reference(function, logits, upstream):
+    """``function`` of ``logits`` read in float32 (as the kernels read any dtype) and the gradient of
+    ``logits`` for the ``upstream`` gradient, by autograd."""
     leaf = logits.detach().float().requires_grad_()
-    upsampled = F.interpolate(leaf, size=labels.shape[-2:], mode="bilinear", align_corners=False)
-    loss = F.cross_entropy(upsampled, labels, ignore_index=IGNORE, reduction="sum")
-    (loss * upstream).backward()
-    return loss.detach(), leaf.grad
+    value = function(leaf)
+    value.backward(torch.as_tensor(upstream, dtype=value.dtype).expand_as(value))
+    return value.detach(), leaf.grad
+
+
+def _upsampled(logits, size):
+    return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+
+
+def _reference(logits, labels, upstream=1.0):
+    """Loss and gradient by the reference ops, F.interpolate + F.cross_entropy."""
+    return _float32_reference(lambda leaf: F.cross_entropy(_upsampled(leaf, labels.shape[-2:]), labels,
+                                                           ignore_index=IGNORE, reduction="sum"), logits, upstream)
 
 
 @pytest.mark.slow
@@ -67,6 +78,38 @@ def test_bfloat16_logits_are_read_in_float32(interpreted):
     case = interpreted["kernels"]["bf16_channels_last"]
     loss, grad = _reference(case["logits"], case["labels"])
     assert torch.allclose(case["loss"], loss, rtol=2e-6, atol=1e-5)
+    assert case["grad"].dtype == torch.bfloat16 and case["grad"].is_contiguous(memory_format=torch.channels_last)
+    assert torch.allclose(case["grad"].float(), grad, rtol=2 ** -7, atol=2e-5 * grad.abs().max().item())
+
+
+def _reference_softmax(logits, size, upstream):
+    """Softmax map and gradient by the reference ops, F.interpolate + F.softmax."""
+    return _float32_reference(lambda leaf: F.softmax(_upsampled(leaf, size), dim=1), logits, upstream)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["fp32", "fp32_channels_last", "odd_sizes", "mixed_axes", "nineteen_classes"])
+def test_softmax_and_its_gradient_match_interpolate_and_softmax(interpreted, name):
+    # fused_upsampled_softmax against F.softmax(F.interpolate(...)) and its autograd, for a random
+    # upstream gradient: contiguous and channels_last logits (and upstream), x8, non-integer and mixed
+    # scales, 19 classes. The map is contiguous like F.softmax's; the gradient keeps the logits' layout;
+    # two runs give the same bits (gathers, no atomic adds).
+    case = interpreted["softmax"][name]
+    probs, grad = _reference_softmax(case["logits"], case["size"], case["upstream"])
+    assert case["probs"].dtype == torch.float32 and case["probs"].stride() == probs.stride()
+    assert torch.allclose(case["probs"], probs, rtol=1e-5, atol=1e-6)
+    assert case["grad"].dtype == case["logits"].dtype and case["grad"].stride() == case["logits"].stride()
+    assert torch.allclose(case["grad"], grad, rtol=1e-5, atol=2e-5 * grad.abs().max().item())
+    assert torch.equal(case["probs"], case["probs_again"]) and torch.equal(case["grad"], case["grad_again"])
+
+
+@pytest.mark.slow
+def test_softmax_of_bfloat16_logits_reads_them_in_float32(interpreted):
+    # The map is the float32 softmax of those (exactly representable) values, tightly; the bf16
+    # gradient is the float32 one within bf16 rounding.
+    case = interpreted["softmax"]["bf16_channels_last"]
+    probs, grad = _reference_softmax(case["logits"], case["size"], case["upstream"])
+    assert torch.allclose(case["probs"], probs, rtol=1e-5, atol=1e-6)
     assert case["grad"].dtype == torch.bfloat16 and case["grad"].is_contiguous(memory_format=torch.channels_last)
     assert torch.allclose(case["grad"].float(), grad, rtol=2 ** -7, atol=2e-5 * grad.abs().max().item())
 
@@ -106,8 +149,9 @@ def test_bisenet_heads_through_the_fused_loss_match_the_classifier_first_referen
 @pytest.mark.slow
 def test_adversarial_step_with_the_fused_loss_matches_the_classifier_first_step(interpreted, one_thread):
     # uda.adversarial.adversarial_step with --fused-loss on: the source CE and target pseudo-label CE
-    # through the kernel, the discriminator fed the upsampled main output: the same losses and the
-    # same applied gradients as the step with the classifier-first order and the unfused loss.
+    # through the loss kernel, the discriminator's source and target maps through the softmax kernel
+    # (no head is ever upsampled to full resolution): the same losses and the same applied segmentation
+    # and discriminator gradients as the step with the classifier-first order and the unfused ops.
     sys.path.insert(0, str(ROOT / "tests"))
     try:
         from fused_loss_cases import run_adversarial_step
@@ -121,6 +165,11 @@ def test_adversarial_step_with_the_fused_loss_matches_the_classifier_first_step(
     assert fused["grads"].keys() == reference["grads"].keys()
     for name, grad in reference["grads"].items():
         torch.testing.assert_close(fused["grads"][name], grad, rtol=1e-4, atol=1e-5 * scale, msg=name)
+    scale_d = max(grad.abs().max().item() for grad in reference["grads_d"].values())
+    assert fused["grads_d"].keys() == reference["grads_d"].keys() and reference["grads_d"]
+    for name, grad in reference["grads_d"].items():
+        torch.testing.assert_close(fused["grads_d"][name], grad, rtol=1e-4, atol=1e-5 * scale_d, msg=name)
+    assert fused["full_calls"] == 0
 
 
 
@@ -129,10 +178,10 @@ def test_adversarial_step_with_the_fused_loss_matches_the_classifier_first_step(
 # and its source loss (3); course: the student's source and pseudo-label terms (3 + 3), the
 # teacher's pseudo-label term (3), UDA term (1) and source loss (3).
 MPL_LOSSES = {"pham": 14, "course": 13}
-# Full-resolution class maps of one MPL iteration with the fused loss: only what a reader needs, the
-# teacher's clean target main head (labeler, discriminator), its source main head and the student's
-# source and target main heads (the discriminators' inputs).
-MPL_FULL_MAPS = 4
+# Full-resolution class maps of one MPL iteration with the fused loss: only the teacher's clean
+# target main head, whose logits its labeler reads; every discriminator's input comes from the fused
+# upsample + softmax kernel.
+MPL_FULL_MAPS = 1
 
 
 @pytest.mark.slow
@@ -173,7 +222,7 @@ INDEX_POINTERS = {"labels_ptr": "*i64", "row0_ptr": "*i32", "row1_ptr": "*i32", 
 def test_kernels_compile_for_a_hopper_gpu_without_one(tmp_path, monkeypatch):
     # The interpreter runs Python on NumPy and forgives what the compiler refuses (types, constexprs,
     # tuples returned by helpers): each kernel is compiled here down to an sm_90 cubin (H100/H200),
-    # for bf16 logits (the CUDA default's autocast).
+    # for bf16 logits (the CUDA default's autocast); the softmax's map and its gradient are float32.
     dtype = "bf16"
     kernels = kernels_to_compile(fused_loss._kernels, monkeypatch, tmp_path)
 
@@ -182,7 +231,9 @@ def test_kernels_compile_for_a_hopper_gpu_without_one(tmp_path, monkeypatch):
                                   else "*fp32" if name.endswith("_ptr") else "i32")
     for kernel, blocks in ((kernels.forward_kernel, {"BLOCK_P": fused_loss.BLOCK_PIXELS}),
                            (kernels.column_pass_kernel, {"BLOCK_Q": fused_loss.BLOCK_COLUMN_PASS}),
-                           (kernels.row_pass_kernel, {"BLOCK_Q": fused_loss.BLOCK_ROW_PASS})):
+                           (kernels.row_pass_kernel, {"BLOCK_Q": fused_loss.BLOCK_ROW_PASS}),
+                           (kernels.softmax_forward_kernel, {"BLOCK_P": fused_loss.BLOCK_SOFTMAX_PIXELS}),
+                           (kernels.softmax_column_pass_kernel, {"BLOCK_Q": fused_loss.BLOCK_SOFTMAX_COLUMN_PASS})):
         blocks["BLOCK_K"] = 32  # 19 classes
         assert compile_for_hopper(kernel, argument_type, blocks), kernel.__name__
 

@@ -13,7 +13,8 @@ from model import build_discriminator
 from model.depthwise import set_depthwise
 from model.resize import set_matmul_resize
 from engine.optim import build_optimizer
-from engine.steps import (check_finite, forward_heads, main_output, segmentation_loss, set_requires_grad, unwrap)
+from engine.steps import (check_finite, class_probabilities, forward_heads, main_head, segmentation_loss,
+                          set_requires_grad, unwrap)
 
 # Domain labels of the discriminator (AdaptSegNet convention).
 SOURCE_DOMAIN = 0.0
@@ -72,7 +73,9 @@ def adversarial_step(model, discriminator, optimizer, optimizer_d, scaler, scale
         loss_seg = segmentation_loss(source_outputs, source_labels)
     losses = {"loss_seg": loss_seg}
     scaler.scale(loss_seg).backward()
-    source_main = main_output(source_outputs).detach()
+    # The discriminator's source map later, from the main head as returned: with the fused loss on, its
+    # low-resolution logits (the full-resolution ones are never made; class_probabilities).
+    source_main = main_head(source_outputs).detach()
     del source_outputs
 
     if discriminator is not None or target_labels is not None or target_terms is not None:
@@ -81,8 +84,9 @@ def adversarial_step(model, discriminator, optimizer, optimizer_d, scaler, scale
             # The auxiliary heads only where the pseudo-label loss reads them (BiSeNet's ``aux``).
             target_outputs = forward_heads(model, target_images, aux=target_labels is not None)
             if discriminator is not None:
-                # One float32 softmax, shared by the adversarial and the discriminator losses.
-                target_probabilities = F.softmax(main_output(target_outputs).float(), dim=1)
+                # One float32 softmax, shared by the adversarial and the discriminator losses (with the
+                # fused loss on, upsampled from the low-resolution logits in the same kernel).
+                target_probabilities = class_probabilities(main_head(target_outputs))
                 losses["loss_adv"] = domain_loss(frozen_discriminator, target_probabilities, SOURCE_DOMAIN)
                 loss_target = lambda_adv * losses["loss_adv"]
             if target_labels is not None:
@@ -120,12 +124,13 @@ def adversarial_step(model, discriminator, optimizer, optimizer_d, scaler, scale
 
 def discriminator_loss(discriminator, optimizer, precision, source_logits, target_probabilities):
     """AdaptSegNet's discriminator loss on detached maps: source -> source label, target -> target
-    label, mean of the two BCE terms. Not checked here: the caller checks it with its own losses,
-    in one sync, before any update (``discriminator_update`` follows)."""
+    label, mean of the two BCE terms. ``source_logits``: the source main head, a full-resolution
+    tensor or ``LowResLogits`` (softmax by ``class_probabilities``). Not checked here: the caller
+    checks it with its own losses, in one sync, before any update (``discriminator_update`` follows)."""
     set_requires_grad(unwrap(discriminator), True)
     optimizer.zero_grad(set_to_none=True)
     with precision.autocast():
-        source_probabilities = F.softmax(source_logits.detach().float(), dim=1)
+        source_probabilities = class_probabilities(source_logits.detach())
         loss_d = 0.5 * (domain_loss(discriminator, source_probabilities, SOURCE_DOMAIN)
                         + domain_loss(discriminator, target_probabilities.detach(), TARGET_DOMAIN))
     return loss_d

@@ -44,8 +44,9 @@ loss). Where compute is the bottleneck (the CPU) that is ~19F/6F for ``pham`` an
 the augmented view (~3F less). Where kernel launches dominate (small inputs on a GPU) the 2B
 forward costs about as much as a B one, which is why the two target views share one forward.
 With ``--fused-loss`` every cross-entropy of the step reads the heads at low resolution
-(``forward_heads``); the only full-resolution maps are those a reader needs: the teacher's clean
-target main head (labeler, discriminator) and the main heads the discriminators read.
+(``forward_heads``), and every discriminator map comes from the fused upsample + softmax kernel
+(``class_probabilities``) except the teacher's target one: its clean target main head is the one
+full-resolution map of the step, read by its labeler and (as a softmax) its discriminator.
 Host syncs: the finiteness checks only (``check_finite``, one per update; whether any rank has a
 confident pixel is decided in the first one), and the thresholds are binned on their device.
 
@@ -68,7 +69,7 @@ from torch import nn
 
 from dataset.labels import IGNORE_INDEX, NUM_CLASSES
 from utils.distributed import get_rank
-from engine.steps import check_finite, forward_heads, main_output, segmentation_loss, set_requires_grad, unwrap
+from engine.steps import check_finite, forward_heads, main_head, segmentation_loss, set_requires_grad, unwrap
 from model.resize import LowResLogits
 from uda.adversarial import SOURCE_DOMAIN, discriminator_loss, discriminator_update, domain_loss
 from uda.pseudolabel_stats import (MAX_THRESHOLD, ConfidenceHistogram, apply_threshold_bins, device_threshold_bins,
@@ -295,7 +296,7 @@ class MPLStep:
             # touch: computed now and checked with the teacher's losses, in one sync before any of the two
             # updates (the target terms' graph recorded D frozen, so the backward below leaves D alone).
             terms["t_loss_d"] = discriminator_loss(teacher.discriminator, teacher.optimizer_d, precision,
-                                                   main_output(source_outputs).detach(), target_probabilities)
+                                                   main_head(source_outputs).detach(), target_probabilities)
             checked["t_loss_d"] = terms["t_loss_d"]
         check_finite(checked)
         teacher.scaler.scale(loss_teacher + terms["t_loss_seg"]).backward()

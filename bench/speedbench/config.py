@@ -186,7 +186,8 @@ class TrainConfig:
     skip_unread_aux: bool = False  # target passes without the auxiliary heads no loss reads (exact)
     classifier_first: bool = False  # --classifier-first: 1x1 classifier before the x8 upsampling
     matmul_resize: bool = False    # --matmul-resize: bilinear resizing as two matrix products (+ discriminator)
-    fused_loss: bool = False       # --fused-loss: Triton upsample + log-softmax + NLL of the low-res heads (CUDA)
+    fused_loss: bool = False       # --fused-loss: Triton upsample + log-softmax + NLL of the low-res heads and
+    #                                upsample + softmax of the discriminator's maps (CUDA)
     depthwise: str = "native"      # --depthwise: DSC's depthwise convolutions native, dense (block-diagonal) or triton
 
 
@@ -196,8 +197,8 @@ CUDA_LEVERS = dict(CUDA_FAST_PATHS, skip_unread_aux=True, classifier_first=True,
 TRAIN_FAST_PATHS_CUDA = TrainConfig("fast_paths", "bf16 + channels_last + fused + cudnn.benchmark (the levers below off)",
                                     **CUDA_FAST_PATHS)
 TRAIN_SCRIPTS_CUDA = TrainConfig("ours", "+ matmul resize (= the scripts' default on CUDA)", **CUDA_LEVERS)
-TRAIN_FUSED_LOSS_CUDA = TrainConfig("fused_loss", "ours + fused upsample/log-softmax/NLL (Triton, --fused-loss on)",
-                                    **CUDA_LEVERS, fused_loss=True)
+TRAIN_FUSED_LOSS_CUDA = TrainConfig("fused_loss", "ours + fused upsample/log-softmax/NLL and upsample/softmax "
+                                    "(Triton, --fused-loss on)", **CUDA_LEVERS, fused_loss=True)
 CUDA_TRAIN_LEVERS = (
     TRAIN_NAIVE_CUDA,
     TrainConfig("cudnn", "+ cudnn.benchmark", "fp16", False, True),
@@ -209,7 +210,7 @@ CUDA_TRAIN_LEVERS = (
     TrainConfig("classifier_first", "+ classifier before the x8 upsampling", **CUDA_FAST_PATHS, skip_unread_aux=True,
                 classifier_first=True),
     TRAIN_SCRIPTS_CUDA,
-    # Opt-in (--fused-loss, off by default until it has run on a GPU): ours + the fused loss kernel.
+    # Opt-in (--fused-loss, off by default until it has run on a GPU): ours + the fused loss and softmax kernels.
     TRAIN_FUSED_LOSS_CUDA,
     # --depthwise (native by default until timed here): ours with DSC's depthwise convolutions as one
     # block-diagonal dense convolution, then by the NHWC Triton kernels.
