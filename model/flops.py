@@ -16,6 +16,7 @@ import torch
 
 from dataset.labels import NUM_CLASSES
 from model.bisenet import BiSeNet
+from model.depthwise import DepthwiseConv
 from model.resize import BilinearResize
 from model.discriminator import DSCDiscriminator, FCDiscriminator
 
@@ -48,7 +49,7 @@ def count_complexity(model, input_shape):
     takes a fraction of a second) and the caller's model gets none of thop's buffers or hooks.
     """
     from thop import profile
-    from thop.vision.basic_hooks import count_upsample
+    from thop.vision.basic_hooks import count_convNd, count_upsample
 
     shape = tuple(input_shape)
     if len(shape) == 3:
@@ -57,7 +58,9 @@ def count_complexity(model, input_shape):
     macs, _ = profile(
         probe,
         inputs=(torch.zeros(shape, device="meta"),),
-        custom_ops={BilinearResize: count_upsample},
+        # thop finds its counters by exact type: the nn.Conv2d subclass of DSC's depthwise layers
+        # would count nothing without its own entry.
+        custom_ops={BilinearResize: count_upsample, DepthwiseConv: count_convNd},
         verbose=False,
     )
     return count_parameters(model), FLOPS_PER_MAC * macs / GIGA

@@ -49,7 +49,9 @@ def test_non_finite_loss_names_iteration_and_term_and_keeps_the_last_checkpoint(
                  ["--data-root", str(tiny_data_root), "--output-dir", str(run), *TINY, *SCHEDULE])
     assert exit_info.value.code == EXIT_USER_ERROR
     err = capsys.readouterr().err
-    assert f"error: iteration 3: non-finite loss in loss_seg. The run stops here; the last good checkpoint ({run / 'last.pth'}) was left as it was" in err
+    # The discriminator's loss reads the source map too: both terms are named, in one check.
+    assert (f"error: iteration 3: non-finite loss in loss_seg, loss_d. The run stops here; the last good "
+            f"checkpoint ({run / 'last.pth'}) was left as it was") in err
     assert (run / "last.pth").read_bytes() == seen["last.pth"]
     checkpoint = load_checkpoint_file(run / "last.pth")
     assert checkpoint["iteration"] == 2
