@@ -24,8 +24,11 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 demo: venv
 	$(PY) experiments.py $(DEMO_ARGS)
 
+# The suite on every core (pytest-xdist, at most 4 workers: each is a torch process), whole files
+# per worker so that a module's fixtures are built once; TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= auto
 test: venv
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --maxprocesses 4 --dist loadfile tests
 
 test-fast: venv
 	$(PY) -m pytest -q -m "not slow" tests

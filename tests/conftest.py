@@ -6,7 +6,14 @@ import torch
 
 from dataset.tiny import write_tiny_tree
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Under pytest-xdist (make test: one worker per core, at most 4) every worker and every process a
+# test starts computes with one thread: two threads per process on cores that other
+# processes keep busy spin against each other and run several times slower than one.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
 @pytest.fixture(scope="session")
