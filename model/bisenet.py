@@ -10,7 +10,6 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
-import torchvision
 from torch import nn
 
 from dataset.labels import NUM_CLASSES
@@ -29,13 +28,22 @@ CONTEXT_CHANNELS = {"resnet18": (256, 512), "resnet101": (1024, 2048)}
 # (1024 for ResNet-18, 3328 for ResNet-101). ``model.loading`` infers the backbone from it.
 FFM_IN_CHANNELS = {name: SPATIAL_CHANNELS[-1] + sum(c) for name, c in CONTEXT_CHANNELS.items()}
 
-_TRUNKS = {"resnet18": torchvision.models.resnet18, "resnet101": torchvision.models.resnet101}
-_IMAGENET_WEIGHTS = {
-    "resnet18": torchvision.models.ResNet18_Weights.IMAGENET1K_V1,
-    "resnet101": torchvision.models.ResNet101_Weights.IMAGENET1K_V1,
-}
+# torchvision's builders and weight enums, by name: torchvision is imported on first use (its import
+# pulls in torch._dynamo, seconds a script that refuses its arguments should not pay).
+_TRUNKS = {"resnet18": "resnet18", "resnet101": "resnet101"}
+_IMAGENET_WEIGHTS = {"resnet18": "ResNet18_Weights", "resnet101": "ResNet101_Weights"}
 # torchvision's ImageNet classifier; BiSeNet has no use for it.
 _TRUNK_CLASSIFIER_PREFIX = "fc."
+
+
+def _torchvision_models():
+    import torchvision.models
+    return torchvision.models
+
+
+def _imagenet_weights_url(context_path):
+    """Where torchvision downloads the trunk's IMAGENET1K_V1 weights from."""
+    return getattr(_torchvision_models(), _IMAGENET_WEIGHTS[context_path]).IMAGENET1K_V1.url
 
 
 def check_context_path(context_path):
@@ -74,7 +82,7 @@ class ContextPath(nn.Module):
     def __init__(self, name="resnet18"):
         super().__init__()
         check_context_path(name)
-        trunk = _TRUNKS[name](weights=None)
+        trunk = getattr(_torchvision_models(), _TRUNKS[name])(weights=None)
         self.conv1, self.bn1, self.relu, self.maxpool = trunk.conv1, trunk.bn1, trunk.relu, trunk.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = trunk.layer1, trunk.layer2, trunk.layer3, trunk.layer4
 
@@ -232,7 +240,7 @@ class BiSeNet(nn.Module):
 def imagenet_weights_path(context_path):
     """Where torchvision's IMAGENET1K_V1 file for the trunk must be: the local hub cache."""
     check_context_path(context_path)
-    filename = Path(urlparse(_IMAGENET_WEIGHTS[context_path].url).path).name
+    filename = Path(urlparse(_imagenet_weights_url(context_path)).path).name
     return Path(torch.hub.get_dir()) / "checkpoints" / filename
 
 
@@ -244,7 +252,7 @@ def _trunk_state_dict(context_path, pretrained):
             # Never download: runs must be reproducible offline and on machines without internet.
             raise FileNotFoundError(
                 f"ImageNet weights for {context_path} not found at {path}; put torchvision's "
-                f"{path.name} there ({_IMAGENET_WEIGHTS[context_path].url}), or train from "
+                f"{path.name} there ({_imagenet_weights_url(context_path)}), or train from "
                 f"scratch with --pretrained none"
             )
     else:
