@@ -20,7 +20,6 @@ from model.discriminator import MIN_INPUT_SIDE, STRIDED_LAYERS
 from engine.compilation import compile_network, configure_compile_cache
 from engine.optim import build_optimizer
 from engine.data import BatchStream, eval_loader
-from engine.fused_loss import fused_loss_unavailable
 from utils.distributed import configure_batchnorm
 from utils.errors import OptionError
 from utils.triton_support import triton_unavailable
@@ -134,7 +133,7 @@ def resolve_fast_paths(args, device):
     levers = (("classifier_first", ("cuda",)), ("matmul_resize", ("cuda",)))
     if hasattr(args, "fused_loss"):
         # Its Triton kernels need CUDA and Triton: auto takes it where both are; on refuses to run without.
-        unavailable = fused_loss_unavailable(device) if args.fused_loss != "off" else None
+        unavailable = triton_unavailable(device) if args.fused_loss != "off" else None
         if unavailable and args.fused_loss == "on":
             raise OptionError(f"--fused-loss on: {unavailable}; use --fused-loss off (or auto)")
         args.fused_loss = "off" if unavailable or args.fused_loss == "off" else "on"

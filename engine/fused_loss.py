@@ -44,7 +44,8 @@ import functools
 import torch
 
 from dataset.labels import IGNORE_INDEX
-from utils.triton_support import interpreted, triton_unavailable
+from model.resize import is_channels_last
+from utils.triton_support import interpreted
 
 # Items per program on a GPU; tiles are [items, K padded to a power of two], float32. Not timed (no
 # device yet): chosen so that ptxas (sm_90, 4 warps, K = 19, bf16 logits) neither spills nor needs
@@ -56,11 +57,6 @@ BLOCK_ROW_PASS = 32      # backward, second pass: low-resolution pixels (the sof
 BLOCK_SOFTMAX_PIXELS = 32        # the softmax's forward: output pixels
 BLOCK_SOFTMAX_COLUMN_PASS = 16   # the softmax's backward, first pass
 INTERPRETER_BLOCK = 4096
-
-
-def fused_loss_unavailable(device):
-    """Why the fused loss cannot run on ``device`` (a sentence), or None when it can."""
-    return triton_unavailable(device)
 
 
 @functools.lru_cache(maxsize=64)
@@ -174,10 +170,6 @@ def fused_upsampled_cross_entropy(logits, labels, ignore_index=IGNORE_INDEX):
     return _FusedUpsampledCrossEntropy.apply(logits, labels, int(ignore_index))
 
 
-def _channels_last(tensor):
-    return not tensor.is_contiguous() and tensor.is_contiguous(memory_format=torch.channels_last)
-
-
 class _FusedUpsampledSoftmax(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, size):
@@ -195,7 +187,7 @@ class _FusedUpsampledSoftmax(torch.autograd.Function):
                 *probs.stride(), BLOCK_P=block, BLOCK_K=_block_classes(num_classes))
         ctx.save_for_backward(probs)
         ctx.logits_layout = (logits.shape, logits.dtype,
-                             torch.channels_last if _channels_last(logits) else torch.contiguous_format)
+                             torch.channels_last if is_channels_last(logits) else torch.contiguous_format)
         return probs
 
     @staticmethod

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from dataset.labels import IGNORE_INDEX
 from engine.fused_loss import fused_upsampled_cross_entropy, fused_upsampled_softmax
-from model.resize import LowResLogits
+from model.resize import LowResLogits, is_channels_last
 
 
 class NonFiniteLossError(RuntimeError):
@@ -77,7 +77,7 @@ def summed_cross_entropy(logits, labels):
         if tuple(labels.shape[-2:]) != logits.size:
             raise ValueError(f"labels of size {tuple(labels.shape[-2:])} for logits upsampled to {logits.size}")
         return fused_upsampled_cross_entropy(logits.logits, labels, IGNORE_INDEX)
-    if logits.dim() == 4 and not logits.is_contiguous() and logits.is_contiguous(memory_format=torch.channels_last):
+    if logits.dim() == 4 and is_channels_last(logits):
         log_probs = F.log_softmax(logits.permute(0, 2, 3, 1).float(), dim=-1)  # contiguous [B, H, W, K]
         unlabeled = labels == IGNORE_INDEX
         picked = log_probs.gather(-1, labels.masked_fill(unlabeled, 0).unsqueeze(-1)).squeeze(-1)

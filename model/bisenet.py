@@ -28,9 +28,9 @@ CONTEXT_CHANNELS = {"resnet18": (256, 512), "resnet101": (1024, 2048)}
 # (1024 for ResNet-18, 3328 for ResNet-101). ``model.loading`` infers the backbone from it.
 FFM_IN_CHANNELS = {name: SPATIAL_CHANNELS[-1] + sum(c) for name, c in CONTEXT_CHANNELS.items()}
 
-# torchvision's builders and weight enums, by name: torchvision is imported on first use (its import
-# pulls in torch._dynamo, seconds a script that refuses its arguments should not pay).
-_TRUNKS = {"resnet18": "resnet18", "resnet101": "resnet101"}
+# torchvision's weight enums, by context path (whose names are torchvision's builders): torchvision
+# is imported on first use (its import pulls in torch._dynamo, seconds a script that refuses its
+# arguments should not pay).
 _IMAGENET_WEIGHTS = {"resnet18": "ResNet18_Weights", "resnet101": "ResNet101_Weights"}
 # torchvision's ImageNet classifier; BiSeNet has no use for it.
 _TRUNK_CLASSIFIER_PREFIX = "fc."
@@ -82,7 +82,7 @@ class ContextPath(nn.Module):
     def __init__(self, name="resnet18"):
         super().__init__()
         check_context_path(name)
-        trunk = getattr(_torchvision_models(), _TRUNKS[name])(weights=None)
+        trunk = getattr(_torchvision_models(), name)(weights=None)
         self.conv1, self.bn1, self.relu, self.maxpool = trunk.conv1, trunk.bn1, trunk.relu, trunk.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = trunk.layer1, trunk.layer2, trunk.layer3, trunk.layer4
 

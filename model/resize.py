@@ -16,6 +16,12 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def is_channels_last(tensor):
+    """Whether a 4-D tensor is laid out channels_last and not also contiguous (C = 1 or H = W = 1
+    tensors are both; they are read as contiguous)."""
+    return not tensor.is_contiguous() and tensor.is_contiguous(memory_format=torch.channels_last)
+
+
 def _build_interpolation_matrix(in_size, out_size, device, dtype):
     # Column j is the resize of the unit vector e_j: exactly the weights F.interpolate applies.
     basis = torch.eye(in_size, device=device, dtype=torch.float32).view(1, in_size, 1, in_size)
@@ -61,7 +67,7 @@ def bilinear_matmul(x, size):
     dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
     rows = _matrix(in_h, out_h, x.device, dtype)  # (out_h, in_h), or None
     cols = _matrix(in_w, out_w, x.device, dtype)  # (out_w, in_w), or None
-    if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+    if is_channels_last(x):
         y = x.permute(0, 2, 3, 1)                                             # (B, H, W, C), contiguous
         if cols is not None:
             y = torch.einsum("vw,bhwc->bhvc", cols, y)                        # (B, H, W', C)

@@ -119,7 +119,7 @@ def threshold_bins(thresholds):
     thresholds = thresholds.detach().to("cpu", torch.float64)
     if torch.isnan(thresholds).any():
         raise ValueError("thresholds contain NaN; use ConfidenceHistogram.thresholds() (0 for unseen classes)")
-    return torch.searchsorted(BIN_VALUES, thresholds, right=False).to(device)
+    return device_threshold_bins(thresholds).to(device)
 
 
 class ConfidenceHistogram:
