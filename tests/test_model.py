@@ -26,8 +26,6 @@ from model import (
 from cli.method_options import discriminator_type
 from utils.checkpoint import CHECKPOINT_FORMAT, CheckpointError
 
-torch.set_num_threads(2)
-
 # The state_dict keys of the course repository's BiSeNet-R18, listed from its code (kept in the repository).
 COURSE_KEYS_JSON = Path(__file__).resolve().parent / "data" / "course_bisenet_resnet18_keys.json"
 SMALL = (64, 128)        # divisible by 32
