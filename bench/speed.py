@@ -49,7 +49,7 @@ if str(ROOT) not in sys.path:  # run as a file: make the repository importable
 
 import torch  # noqa: E402
 
-from bench.speedbench.common import Job  # noqa: E402
+from bench.speedbench.common import Job, imports_frozen  # noqa: E402
 from bench.speedbench.config import PROFILES, SCHEMA, SECTIONS  # noqa: E402
 from bench.speedbench.flops import flops_jobs  # noqa: E402
 from bench.speedbench.inference import inference_jobs  # noqa: E402
@@ -130,8 +130,9 @@ def main(args):
         jobs = [job for job in jobs if any(text in f"{job.section}/{job.key}" for text in args.match)]
     order = sorted(range(len(jobs)), key=lambda i: (jobs[i].phase, jobs[i].priority if jobs[i].phase else 0, i))
     try:
-        for index in order:
-            recorder.run(jobs[index])
+        with imports_frozen():
+            for index in order:
+                recorder.run(jobs[index])
     finally:
         bench.close()
         recorder.write(final=True)

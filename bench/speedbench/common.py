@@ -68,6 +68,20 @@ def strict_fp32():
         torch.backends.cuda.matmul.allow_tf32 = matmul
 
 
+@contextlib.contextmanager
+def imports_frozen():
+    """The objects alive on entry (the imported modules above all) sit in gc's permanent generation
+    for the block, so each release_memory walks only what the entries made: a full collection walks
+    every tracked object, and the hundreds of thousands that importing torch creates make each one
+    cost as much as a small entry."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
 def release_memory(device):
     gc.collect()
     if device.type == "cuda":
