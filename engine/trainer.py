@@ -33,7 +33,7 @@ from tqdm import tqdm
 from dataset.common import data_report
 from dataset.labels import CLASS_NAMES
 from utils.checkpoint import CHECKPOINT_FORMAT, CheckpointError, atomic_torch_save, load_checkpoint_file
-from utils.files import remove_stale_temporaries
+from utils.files import atomic_link, remove_stale_temporaries
 from engine.data import to_device
 from utils.distributed import all_reduce_max, all_reduce_mean, barrier, get_world_size, is_main_process
 from engine.steps import NonFiniteLossError, buffers_restored_on_refusal
@@ -120,6 +120,7 @@ class Trainer:
         self.skipped_steps = 0
         self._stop_signal = None
         self._resumed = False
+        self._saved = None  # (iteration, path) of the last checkpoint written: it holds the state until the next step
 
     # ----------------------------------------------------------------- checkpoints
     def state(self):
@@ -147,8 +148,16 @@ class Trainer:
         return {name: stream.sampler.batch_size * stream.sampler.world_size for name, stream in self.streams.items()}
 
     def save(self, filename):
+        """Write the state as ``filename``; a second checkpoint of the same iteration (``last.pth``
+        right after a new ``best.pth``) links the file already written instead of writing it again."""
         if is_main_process():
-            atomic_torch_save(self.state(), self.output_dir / filename)
+            path = self.output_dir / filename
+            if self._saved is not None and self._saved[0] == self.iteration and self._saved[1].is_file():
+                if self._saved[1] != path:
+                    atomic_link(self._saved[1], path)
+            else:
+                atomic_torch_save(self.state(), path)
+            self._saved = (self.iteration, path)
             self._flush_logger()
         barrier()
 

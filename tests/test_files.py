@@ -4,6 +4,7 @@ import stat
 
 import pytest
 
+from tests.helpers import temporaries
 from utils import files
 
 
@@ -46,3 +47,20 @@ def test_remove_stale_temporaries_removes_only_this_files_leftovers(tmp_path):
     (tmp_path / "last.pth").write_bytes(b"whole")
     assert files.remove_stale_temporaries(tmp_path / "last.pth") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == [".other.pth.x.tmp", "last.pth"]
+
+
+@pytest.mark.parametrize("links", [True, False], ids=["hard link", "no hard links"])
+def test_atomic_link_keeps_its_bytes_when_the_source_is_written_again(tmp_path, monkeypatch, links):
+    source, target = tmp_path / "last.pth", tmp_path / "best.pth"
+    files.atomic_write_bytes(source, b"iteration 4")
+    target.write_bytes(b"iteration 2")
+    if not links:
+        def no_link(*args):
+            raise OSError(1, "Operation not permitted")
+        monkeypatch.setattr(files.os, "link", no_link)
+    files.atomic_link(source, target)
+    assert target.read_bytes() == b"iteration 4"
+    assert (os.stat(target).st_ino == os.stat(source).st_ino) is links
+    files.atomic_write_bytes(source, b"iteration 6")  # the next write of the source replaces its name only
+    assert target.read_bytes() == b"iteration 4" and source.read_bytes() == b"iteration 6"
+    assert temporaries(tmp_path) == []

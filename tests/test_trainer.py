@@ -118,3 +118,22 @@ def test_a_skipped_step_leaves_the_batchnorm_statistics_as_they_were(tmp_path):
         assert torch.equal(states[3][name], value), name  # nothing of the refused step remains
     assert not torch.equal(states[1]["1.running_mean"], states[2]["1.running_mean"])  # a real step moves them
     assert all(torch.isfinite(value).all() for value in network.state_dict().values())
+
+
+def test_a_checkpoint_of_an_iteration_already_saved_links_that_file(tmp_path, monkeypatch):
+    # Validation at iteration 2 writes best.pth; last.pth of the same iteration holds the same state,
+    # so it is linked to best.pth, not serialised again; a later last.pth is written anew.
+    serialised = []
+    real_save = torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, handle, *a, **k: serialised.append(obj["iteration"])
+                        or real_save(obj, handle, *a, **k))
+    trainer = tiny_trainer(tmp_path, _sgd_step, max_iters=4, checkpoint_every=2)
+    trainer.val_every = 2
+    trainer.validate_fn = lambda iteration: {"model": {"miou": iteration / 10, "pixel_accuracy": 0.5,
+                                                       "num_pixels": 8, "iou": [0.5, 0.5]}}
+    trainer.run()
+    assert serialised == [2, 4]  # best.pth at 2 and 4; each last.pth of those iterations linked
+    best, last = load_checkpoint_file(tmp_path / "best.pth"), load_checkpoint_file(tmp_path / "last.pth")
+    assert best["iteration"] == last["iteration"] == 4 and best["best_miou"] == pytest.approx(0.4)
+    assert all(torch.equal(best["model"][key], value) for key, value in last["model"].items())
+    assert temporaries(tmp_path) == []

@@ -7,10 +7,13 @@ cheap to regenerate (the synthetic benchmark's images) skip the fsyncs.
 """
 import glob
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 from utils.errors import WriteError
+
+COPY_CHUNK_BYTES = 16 * 2**20
 
 
 def _read_umask():
@@ -66,6 +69,37 @@ def _write_failure(error):
     if "write failed" in str(error):
         return "the file write failed (is the disk full?)"
     return None
+
+
+def atomic_link(source, path):
+    """Make ``path`` hold the bytes ``source`` holds now, durably, without writing them again: a hard
+    link to ``source`` renamed over ``path``, or a copy where the file system has no hard links.
+
+    The two names then share one file, which stays safe because every write here replaces a name
+    (``os.replace``) instead of rewriting a file: when ``source`` is written again, ``path`` keeps
+    the bytes it has.
+    """
+    source, path = Path(source), Path(path)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        os.unlink(tmp_name)  # mkstemp reserved a fresh name; os.link needs it free
+        try:
+            os.link(source, tmp_name)
+        except OSError:  # no hard links here (FAT, some network file systems): copy the bytes
+            atomic_write(path, lambda handle: _copy_into(source, handle))
+            return
+        os.replace(tmp_name, path)
+    except BaseException:
+        if os.path.exists(tmp_name):
+            os.unlink(tmp_name)
+        raise
+    _fsync_directory(path.parent)
+
+
+def _copy_into(source, handle):
+    with open(source, "rb") as original:
+        shutil.copyfileobj(original, handle, COPY_CHUNK_BYTES)
 
 
 def atomic_write_bytes(path, data, durable=True):
