@@ -16,6 +16,23 @@ else:
     torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+_SUITE_THREADS = torch.get_num_threads()
+
+
+def pytest_collection_finish(session):
+    """Collection imported every test module: none may have changed the thread count set above."""
+    torch.set_num_threads(_SUITE_THREADS)
+
+
+@pytest.fixture(autouse=True)
+def _thread_count_kept():
+    """A test (or the script it runs in this process) that sets torch's thread count sets it for
+    the rest of its worker's tests: restore it."""
+    yield
+    if torch.get_num_threads() != _SUITE_THREADS:
+        torch.set_num_threads(_SUITE_THREADS)
+
+
 @pytest.fixture(scope="session")
 def tiny_data_root(tmp_path_factory):
     """GTA5/ (8 images 64x36) and Cityscapes/ (6 train + 3 val, 64x32) in the official layouts."""
