@@ -1,5 +1,5 @@
 """The ResNet-18/101 trunk of BiSeNet's context path, written here so that building a network does
-not import torchvision (whose import pulls in torch._dynamo: seconds of every script start).
+without torchvision, whose import pulls in torch._dynamo (seconds of every script start).
 
 It is torchvision's ResNet (v1.5: a Bottleneck strides on its 3x3 convolution) without the
 classifier, module for module:
