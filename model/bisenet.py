@@ -14,6 +14,7 @@ from torch import nn
 
 from dataset.labels import NUM_CLASSES
 from model.resize import BilinearResize, LowResLogits, set_matmul_resize
+from model.resnet import IMAGENET1K_V1_URLS, ResNetTrunk
 from utils.checkpoint import CheckpointError, load_checkpoint_file
 
 logger = logging.getLogger(__name__)
@@ -28,22 +29,13 @@ CONTEXT_CHANNELS = {"resnet18": (256, 512), "resnet101": (1024, 2048)}
 # (1024 for ResNet-18, 3328 for ResNet-101). ``model.loading`` infers the backbone from it.
 FFM_IN_CHANNELS = {name: SPATIAL_CHANNELS[-1] + sum(c) for name, c in CONTEXT_CHANNELS.items()}
 
-# torchvision's weight enums, by context path (whose names are torchvision's builders): torchvision
-# is imported on first use (its import pulls in torch._dynamo, seconds a script that refuses its
-# arguments should not pay).
-_IMAGENET_WEIGHTS = {"resnet18": "ResNet18_Weights", "resnet101": "ResNet101_Weights"}
 # torchvision's ImageNet classifier; BiSeNet has no use for it.
 _TRUNK_CLASSIFIER_PREFIX = "fc."
 
 
-def _torchvision_models():
-    import torchvision.models
-    return torchvision.models
-
-
 def _imagenet_weights_url(context_path):
     """Where torchvision downloads the trunk's IMAGENET1K_V1 weights from."""
-    return getattr(_torchvision_models(), _IMAGENET_WEIGHTS[context_path]).IMAGENET1K_V1.url
+    return IMAGENET1K_V1_URLS[context_path]
 
 
 def check_context_path(context_path):
@@ -72,25 +64,20 @@ class SpatialPath(nn.Sequential):
             in_channels = out_channels
 
 
-class ContextPath(nn.Module):
-    """A torchvision ResNet trunk without its classifier, returning the 1/16 and 1/32 features.
+class ContextPath(ResNetTrunk):
+    """The ResNet trunk (``model.resnet``: torchvision's, without its classifier), returning the
+    1/16 and 1/32 features and the 1/32 features' global average.
 
-    The trunk's modules are attributes of this module under torchvision's own names, so a
-    torchvision ResNet state_dict (minus ``fc.*``) loads into it directly.
+    The trunk's modules carry torchvision's names, so a torchvision ResNet state_dict (minus
+    ``fc.*``) loads into it directly.
     """
 
     def __init__(self, name="resnet18"):
-        super().__init__()
         check_context_path(name)
-        trunk = getattr(_torchvision_models(), name)(weights=None)
-        self.conv1, self.bn1, self.relu, self.maxpool = trunk.conv1, trunk.bn1, trunk.relu, trunk.maxpool
-        self.layer1, self.layer2, self.layer3, self.layer4 = trunk.layer1, trunk.layer2, trunk.layer3, trunk.layer4
+        super().__init__(name)
 
     def forward(self, x):
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))  # (B, 64, H/4, W/4)
-        x = self.layer2(self.layer1(x))                         # (B, C8, H/8, W/8)
-        feat16 = self.layer3(x)                                 # (B, C16, H/16, W/16)
-        feat32 = self.layer4(feat16)                            # (B, C32, H/32, W/32)
+        feat16, feat32 = super().forward(x)                     # (B, C16, H/16, W/16), (B, C32, H/32, W/32)
         # Global average pool as two means (width, then height), exactly as the course code
         # computes it, so results match its checkpoints bit for bit.
         tail = feat32.mean(dim=3, keepdim=True).mean(dim=2, keepdim=True)  # (B, C32, 1, 1)
@@ -192,7 +179,7 @@ class BiSeNet(nn.Module):
         self.fused_loss = False
 
         for child in self.children():
-            if child is not self.context_path:  # the trunk keeps torchvision's initialisation
+            if child is not self.context_path:  # the trunk keeps its own (torchvision's) initialisation
                 child.apply(_init_weights)
 
     def set_speed_levers(self, *, skip_unread_aux=None, classifier_first=None, matmul_resize=None, fused_loss=None):

@@ -1,5 +1,6 @@
 """Helpers shared by the test files: the tiny run's flags, reading a run's files, damaging files,
-stopping a training script after a given iteration, and launching scripts as subprocesses."""
+stopping a training script after a given iteration, launching scripts as subprocesses, randomising
+weights."""
 import contextlib
 import hashlib
 import json
@@ -7,6 +8,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SUBPROCESS_TIMEOUT_S = 240  # what any one script launch may take on a loaded two-core machine
@@ -152,3 +155,21 @@ def kernels_to_compile(load_kernels, monkeypatch, cache_dir):
     if not hasattr(kernels.forward_kernel, "arg_names"):
         pytest.skip("the kernels were imported in interpreter mode")
     return kernels
+
+
+def randomize_(model, seed=0):
+    """Give every float parameter and buffer distinct random values, so a tensor loaded under
+    the wrong name changes the output (running stats included; variances kept positive)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if not tensor.is_floating_point():
+                continue
+            noise = torch.rand(tensor.shape, generator=generator)
+            if name.endswith("running_var"):
+                tensor.copy_(0.5 + noise)
+            elif name.endswith(("bn.weight", "bn1.weight", "bn2.weight", "bn3.weight", "downsample.1.weight")):
+                tensor.copy_(0.8 + 0.4 * noise)
+            else:
+                tensor.copy_(0.1 * (noise - 0.5))
+    return model

@@ -24,6 +24,7 @@ from model import (
     resolve_discriminator_name,
 )
 from cli.method_options import discriminator_type
+from tests.helpers import randomize_
 from utils.checkpoint import CHECKPOINT_FORMAT, CheckpointError
 
 # The state_dict keys of the course repository's BiSeNet-R18, listed from its code (kept in the repository).
@@ -33,24 +34,6 @@ ODD = (100, 150)         # divisible by neither 8 nor 32
 TINY = (64, 96)          # for ResNet-101
 GTA_SIZE = (720, 1280)   # H, W of GTA5 images: not a multiple of 32
 REPORT_SIZE = (512, 1024)
-
-
-def randomize_(model, seed=0):
-    """Give every float parameter and buffer distinct random values, so a tensor loaded under
-    the wrong name changes the output (running stats included; variances kept positive)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, tensor in model.state_dict().items():
-            if not tensor.is_floating_point():
-                continue
-            noise = torch.rand(tensor.shape, generator=generator)
-            if name.endswith("running_var"):
-                tensor.copy_(0.5 + noise)
-            elif name.endswith(("bn.weight", "bn1.weight", "bn2.weight", "bn3.weight", "downsample.1.weight")):
-                tensor.copy_(0.8 + 0.4 * noise)
-            else:
-                tensor.copy_(0.1 * (noise - 0.5))
-    return model
 
 
 # --- BiSeNet ------------------------------------------------------------------------------------
