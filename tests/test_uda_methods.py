@@ -16,7 +16,7 @@ from dataset.labels import IGNORE_INDEX, LABELS
 from dataset.normalization import Normalization
 from uda import rare_class_sampling
 from uda.dacs import (DACS, blur_kernel_size, classmix_masks, colour_jitter, confident_share, ema_decay_at, ema_update,
-                      gaussian_blur, weighted_segmentation_loss)
+                      gaussian_blur, match_size, weighted_segmentation_loss)
 from uda.entropy import entropy_loss, normalized_entropy
 from uda.fda import FourierStyleTransfer, low_frequency_window, swap_low_frequency_amplitude
 from uda.rare_class_sampling import RareClassSampler, cached_class_pixels, class_probabilities
@@ -84,6 +84,27 @@ def test_mixed_labels_follow_the_pixels_and_weights_are_one_or_the_confident_sha
         assert (images[:, 0][~pasted] == 200.0).all()
         assert share.item() == pytest.approx(0.5)  # the left half is confident
         assert (weights[pasted] == 1.0).all() and (weights[~pasted] == 0.5).all()
+
+
+def test_source_crop_is_the_slice_at_the_drawn_offsets_without_reading_them_on_the_host(monkeypatch):
+    images = torch.arange(2 * 3 * 7 * 9, dtype=torch.float32).view(2, 3, 7, 9)
+    labels = torch.arange(2 * 7 * 9).view(2, 7, 9)
+    reads = []
+    for name in ("__bool__", "item", "tolist", "__float__", "__int__", "__index__"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _real=real, _name=name, **k:
+                            reads.append(_name) or _real(self, *a, **k))
+    crops = [match_size(images, labels, (4, 5), _generator(seed)) for seed in range(6)]
+    monkeypatch.undo()
+    assert reads == []  # on a GPU each read would wait for the device
+    offsets = set()
+    for seed, (cropped_images, cropped_labels) in enumerate(crops):
+        generator = _generator(seed)  # the same two draws, read here as plain numbers
+        top, left = (int(torch.randint(high, (), generator=generator)) for high in (7 - 4 + 1, 9 - 5 + 1))
+        assert torch.equal(cropped_images, images[..., top:top + 4, left:left + 5])
+        assert torch.equal(cropped_labels, labels[..., top:top + 4, left:left + 5])
+        offsets.add((top, left))
+    assert len(offsets) > 1
 
 
 def test_dacs_weight_is_the_share_of_confident_pixels():

@@ -110,10 +110,14 @@ def match_size(images, labels, size_hw, generator):
     if (height, width) == (target_height, target_width):
         return images, labels
     if height >= target_height and width >= target_width:
-        top = int(torch.randint(height - target_height + 1, (), generator=generator, device=generator.device))
-        left = int(torch.randint(width - target_width + 1, (), generator=generator, device=generator.device))
-        return (images[..., top:top + target_height, left:left + target_width],
-                labels[..., top:top + target_height, left:left + target_width])
+        # The offsets stay where the generator drew them: indexing with them is a gather, where a
+        # slice would need them on the host (a wait for the GPU at every step).
+        top = torch.randint(height - target_height + 1, (), generator=generator, device=generator.device)
+        left = torch.randint(width - target_width + 1, (), generator=generator, device=generator.device)
+        rows = top.to(images.device) + torch.arange(target_height, device=images.device)
+        columns = left.to(images.device) + torch.arange(target_width, device=images.device)
+        return (images.index_select(-2, rows).index_select(-1, columns),
+                labels.index_select(-2, rows).index_select(-1, columns))
     images = F.interpolate(images, size=tuple(size_hw), mode="bilinear", align_corners=False)
     labels = F.interpolate(labels[:, None].float(), size=tuple(size_hw), mode="nearest")[:, 0].long()
     return images, labels
