@@ -26,6 +26,9 @@ from utils.errors import OptionError
 
 ROOT = Path(__file__).resolve().parents[1]
 IGNORE = 255
+# The cases of tests/fused_loss_cases.py that run twice (REPEATED, SOFTMAX_REPEATED there).
+REPEATED = ["bf16_channels_last", "odd_sizes", "mixed_axes", "nineteen_classes", "all_ignored"]
+SOFTMAX_REPEATED = ["bf16_channels_last", "odd_sizes", "mixed_axes", "nineteen_classes"]
 
 
 @pytest.fixture(scope="module")
@@ -66,9 +69,17 @@ def test_float32_loss_and_gradient_match_interpolate_and_cross_entropy(interpret
     assert torch.allclose(case["loss"], loss, rtol=2e-6, atol=1e-5), (case["loss"], loss)
     assert case["grad"].dtype == case["logits"].dtype
     assert torch.allclose(case["grad"], grad, rtol=1e-5, atol=2e-5 * grad.abs().max().item())
-    # The gradient keeps the logits' layout, and the two gathers give it bit for bit again.
+    # The gradient keeps the logits' layout.
     assert case["grad"].stride() == case["logits"].stride()
-    assert torch.equal(case["grad"], case["grad_again"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", REPEATED)
+def test_a_second_run_gives_the_same_loss_and_gradient_bit_for_bit(interpreted, name):
+    # Gathers in a fixed order, every element written once (no atomic adds, nothing left from
+    # torch.empty): contiguous and channels_last logits, fp32 and bf16, odd and mixed scales.
+    case = interpreted["kernels"][name]
+    assert torch.equal(case["loss"], case["loss_again"]) and torch.equal(case["grad"], case["grad_again"])
 
 
 @pytest.mark.slow
@@ -93,14 +104,15 @@ def test_softmax_and_its_gradient_match_interpolate_and_softmax(interpreted, nam
     # fused_upsampled_softmax against F.softmax(F.interpolate(...)) and its autograd, for a random
     # upstream gradient: contiguous and channels_last logits (and upstream), x8, non-integer and mixed
     # scales, 19 classes. The map is contiguous like F.softmax's; the gradient keeps the logits' layout;
-    # two runs give the same bits (gathers, no atomic adds).
+    # a second run gives the same bits (gathers, no atomic adds), where the case runs twice.
     case = interpreted["softmax"][name]
     probs, grad = _reference_softmax(case["logits"], case["size"], case["upstream"])
     assert case["probs"].dtype == torch.float32 and case["probs"].stride() == probs.stride()
     assert torch.allclose(case["probs"], probs, rtol=1e-5, atol=1e-6)
     assert case["grad"].dtype == case["logits"].dtype and case["grad"].stride() == case["logits"].stride()
     assert torch.allclose(case["grad"], grad, rtol=1e-5, atol=2e-5 * grad.abs().max().item())
-    assert torch.equal(case["probs"], case["probs_again"]) and torch.equal(case["grad"], case["grad_again"])
+    if name in SOFTMAX_REPEATED:
+        assert torch.equal(case["probs"], case["probs_again"]) and torch.equal(case["grad"], case["grad_again"])
 
 
 @pytest.mark.slow
@@ -112,6 +124,7 @@ def test_softmax_of_bfloat16_logits_reads_them_in_float32(interpreted):
     assert torch.allclose(case["probs"], probs, rtol=1e-5, atol=1e-6)
     assert case["grad"].dtype == torch.bfloat16 and case["grad"].is_contiguous(memory_format=torch.channels_last)
     assert torch.allclose(case["grad"].float(), grad, rtol=2 ** -7, atol=2e-5 * grad.abs().max().item())
+    assert torch.equal(case["probs"], case["probs_again"]) and torch.equal(case["grad"], case["grad_again"])
 
 
 @pytest.mark.slow
@@ -125,25 +138,20 @@ def test_all_ignored_labels_give_zero_loss_and_zero_gradient(interpreted):
 @pytest.mark.slow
 def test_bisenet_heads_through_the_fused_loss_match_the_classifier_first_reference(interpreted, one_thread):
     # forward_heads + segmentation_loss with BiSeNet.fused_loss on against the same network with the
-    # classifier-first order and the unfused loss: same loss, same parameter gradients; the main
-    # output handed to the discriminator is the classifier-first output itself, upsampled once.
+    # classifier-first order and the unfused loss: same loss; the main output handed to the
+    # discriminator is the classifier-first output itself, upsampled once. The parameter gradients of
+    # that loss: the adversarial step's test below (its source term is this forward and loss).
     case = interpreted["bisenet"]  # computed on one thread: the reference too (oneDNN's sums follow the threads)
     model = build_bisenet("resnet18", num_classes=5).train()
     model.load_state_dict(case["state"])
     model.set_speed_levers(classifier_first=True)
-    outputs = model(case["images"])
-    loss = segmentation_loss(outputs, case["labels"])
-    loss.backward()
-    assert torch.allclose(case["loss"], loss.detach(), rtol=1e-5)
-    main = outputs[0].detach()
+    with torch.no_grad():
+        outputs = model(case["images"])
+        loss = segmentation_loss(outputs, case["labels"])
+    assert torch.allclose(case["loss"], loss, rtol=1e-5)
+    main = outputs[0]
     torch.testing.assert_close(case["main"], main, rtol=1e-5, atol=1e-5 * main.abs().max().item())
     assert case["main_cached"]
-    grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
-    assert grads.keys() == case["grads"].keys()
-    # As tests/test_speed_levers.py: relative to the network's largest gradient (measured: <= 1.4e-6).
-    scale = max(grad.abs().max().item() for grad in grads.values())
-    for name, grad in grads.items():
-        torch.testing.assert_close(case["grads"][name], grad, rtol=1e-4, atol=1e-5 * scale, msg=name)
 
 
 @pytest.mark.slow
