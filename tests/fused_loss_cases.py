@@ -20,7 +20,6 @@ from engine.precision import Precision  # noqa: E402
 from engine.steps import forward_heads, main_output, segmentation_loss  # noqa: E402
 from model import build_bisenet, build_discriminator  # noqa: E402
 from model.resize import LowResLogits  # noqa: E402
-from uda.adversarial import adversarial_step  # noqa: E402
 
 IGNORE = 255
 
@@ -112,8 +111,8 @@ def run_softmax_cases():
 
 def run_bisenet_case():
     """BiSeNet's three heads through forward_heads + segmentation_loss with the fused loss on: the loss
-    and the main output. Forward only: run_adversarial_step backpropagates the same forward_heads +
-    segmentation_loss (its source term), and its test compares the gradients."""
+    and the main output. Forward only: the MPL step's adversarial step backpropagates the same
+    forward_heads + segmentation_loss (its source term), and its test compares the gradients."""
     torch.manual_seed(0)
     model = build_bisenet("resnet18", num_classes=5).train()
     state = {name: value.clone() for name, value in model.state_dict().items()}
@@ -161,42 +160,31 @@ def adversarial_batch():
     return source, source_labels, target, target_labels
 
 
-# The adversarial term's weight in that step: 1 rather than the scripts' 1e-3, so that its gradient
-# (through the discriminator and the softmax) weighs in the segmentation gradients as much as the
-# cross-entropy's and a wrong softmax backward shows there.
+# The student's adversarial weight (--lambda-adv) in the MPL step: 1 rather than the scripts' 1e-3, so
+# that its gradient (through the discriminator and the fused softmax) weighs in the student's
+# segmentation gradients as much as the cross-entropy's and a wrong softmax backward shows there.
 ADVERSARIAL_WEIGHT = 1.0
-
-
-def run_adversarial_step(fused_loss):
-    """One uda.adversarial.adversarial_step (source CE, adversarial + pseudo-label terms on the target,
-    discriminator step): its losses, the segmentation and discriminator gradients it applied, and how
-    many heads it upsampled to full resolution (``LowResLogits.full``)."""
-    model, discriminator, optimizer, optimizer_d, grads, grads_d = adversarial_parts(fused_loss)
-    precision = Precision(torch.device("cpu"), "off")
-    source, source_labels, target, target_labels = adversarial_batch()
-    with mock.patch.object(LowResLogits, "full", autospec=True, side_effect=LowResLogits.full) as full:
-        losses = adversarial_step(model, discriminator, optimizer, optimizer_d, precision.grad_scaler(),
-                                  precision.grad_scaler(), precision, source, source_labels, target, target_labels,
-                                  lambda_adv=ADVERSARIAL_WEIGHT)
-    return {"losses": losses, "grads": grads[0], "grads_d": grads_d[0], "full_calls": full.call_count}
 
 
 def run_mpl_step(fused_loss, rule):
     """One iteration of uda.meta_pseudo_labels.MPLStep (student and teacher BiSeNets with 5 classes,
     DSC discriminators, UDA view on, feedback ``rule``): its losses, the gradients each network's
-    optimizer applied, what every cross-entropy of the step read (LowResLogits or a full-resolution
-    tensor) and how many full-resolution class maps the networks made (bilinear resizes to the
-    input size with 5 channels)."""
+    optimizer and the student's discriminator's applied, what every cross-entropy of the step read
+    (LowResLogits or a full-resolution tensor), how many full-resolution class maps the networks made
+    (bilinear resizes to the input size with 5 channels) and how many heads were upsampled
+    (``LowResLogits.full``). The student's step is uda.adversarial.adversarial_step (source CE,
+    adversarial + pseudo-label terms on the target (course), discriminator step)."""
     from engine import steps
-    from model.resize import BilinearResize, LowResLogits
+    from model.resize import BilinearResize
     from uda.meta_pseudo_labels import Learner, MPLStep, PseudoLabeler
     from uda.mpl_feedback import CourseFeedback, PhamFeedback
 
     precision = Precision(torch.device("cpu"), "off")
-    learners, applied = [], []
+    learners, applied, applied_d = [], [], []
     for role in ("student", "teacher"):
-        model, discriminator, optimizer, optimizer_d, grads, _ = adversarial_parts(fused_loss)
+        model, discriminator, optimizer, optimizer_d, grads, grads_d = adversarial_parts(fused_loss)
         applied.append(grads)
+        applied_d.append(grads_d)
         if role == "teacher":  # other weights than the student's
             torch.manual_seed(1)
             model.load_state_dict(build_bisenet("resnet18", num_classes=5).state_dict())
@@ -204,7 +192,7 @@ def run_mpl_step(fused_loss, rule):
                                 precision.grad_scaler()))
     feedback = PhamFeedback(baseline_decay=0.5) if rule == "pham" else CourseFeedback(batches_per_epoch=1)
     step = MPLStep(*learners, labeler=PseudoLabeler(5, refresh=1), feedback=feedback, precision=precision,
-                   lambda_adv=0.1, uda_weight=0.5)
+                   lambda_adv=ADVERSARIAL_WEIGHT, uda_weight=0.5)
     read, full_maps, real_loss = [], [0], steps.summed_cross_entropy
 
     def recording_loss(logits, labels):
@@ -220,20 +208,20 @@ def run_mpl_step(fused_loss, rule):
     steps.summed_cross_entropy = recording_loss
     try:
         source, source_labels, target, _ = adversarial_batch()
-        losses = step(source, source_labels, 3.0 * target, 0)
+        with mock.patch.object(LowResLogits, "full", autospec=True, side_effect=LowResLogits.full) as full:
+            losses = step(source, source_labels, 3.0 * target, 0)
     finally:
         steps.summed_cross_entropy = real_loss
         for hook in hooks:
             hook.remove()
-    return {"losses": losses, "read": read, "full_maps": full_maps[0], "student_grads": applied[0],
-            "teacher_grads": applied[1]}
+    return {"losses": losses, "read": read, "full_maps": full_maps[0], "full_calls": full.call_count,
+            "student_grads": applied[0], "teacher_grads": applied[1], "student_grads_d": applied_d[0]}
 
 
 def main(path):
     assert os.environ.get("TRITON_INTERPRET") == "1" and interpreted()
     torch.set_num_threads(1)
     torch.save({"kernels": run_kernel_cases(), "softmax": run_softmax_cases(), "bisenet": run_bisenet_case(),
-                "adversarial": run_adversarial_step(fused_loss=True),
                 "mpl": {rule: run_mpl_step(True, rule) for rule in ("pham", "course")}}, path)
 
 

@@ -140,7 +140,8 @@ def test_bisenet_heads_through_the_fused_loss_match_the_classifier_first_referen
     # forward_heads + segmentation_loss with BiSeNet.fused_loss on against the same network with the
     # classifier-first order and the unfused loss: same loss; the main output handed to the
     # discriminator is the classifier-first output itself, upsampled once. The parameter gradients of
-    # that loss: the adversarial step's test below (its source term is this forward and loss).
+    # that loss: the MPL step's test below (its student's adversarial step begins with this forward and
+    # loss).
     case = interpreted["bisenet"]  # computed on one thread: the reference too (oneDNN's sums follow the threads)
     model = build_bisenet("resnet18", num_classes=5).train()
     model.load_state_dict(case["state"])
@@ -154,42 +155,18 @@ def test_bisenet_heads_through_the_fused_loss_match_the_classifier_first_referen
     assert case["main_cached"]
 
 
-@pytest.mark.slow
-def test_adversarial_step_with_the_fused_loss_matches_the_classifier_first_step(interpreted, one_thread):
-    # uda.adversarial.adversarial_step with --fused-loss on: the source CE and target pseudo-label CE
-    # through the loss kernel, the discriminator's source and target maps through the softmax kernel
-    # (no head is ever upsampled to full resolution): the same losses and the same applied segmentation
-    # and discriminator gradients as the step with the classifier-first order and the unfused ops.
-    sys.path.insert(0, str(ROOT / "tests"))
-    try:
-        from fused_loss_cases import run_adversarial_step
-    finally:
-        sys.path.remove(str(ROOT / "tests"))
-    reference, fused = run_adversarial_step(fused_loss=False), interpreted["adversarial"]
-    assert fused["losses"].keys() == reference["losses"].keys() == {"loss_seg", "loss_adv", "loss_pseudo", "loss_d"}
-    for name, value in reference["losses"].items():
-        torch.testing.assert_close(fused["losses"][name], value, rtol=1e-5, atol=1e-6, msg=name)
-    scale = max(grad.abs().max().item() for grad in reference["grads"].values())
-    assert fused["grads"].keys() == reference["grads"].keys()
-    for name, grad in reference["grads"].items():
-        torch.testing.assert_close(fused["grads"][name], grad, rtol=1e-4, atol=1e-5 * scale, msg=name)
-    scale_d = max(grad.abs().max().item() for grad in reference["grads_d"].values())
-    assert fused["grads_d"].keys() == reference["grads_d"].keys() and reference["grads_d"]
-    for name, grad in reference["grads_d"].items():
-        torch.testing.assert_close(fused["grads_d"][name], grad, rtol=1e-4, atol=1e-5 * scale_d, msg=name)
-    assert fused["full_calls"] == 0
-
-
-
 # Cross-entropies of one MPL iteration: pham: the student's labeled loss before its pseudo-label step,
 # that step and its source step (3 heads each), the teacher's pseudo-label and UDA terms (main head)
 # and its source loss (3); course: the student's source and pseudo-label terms (3 + 3), the
 # teacher's pseudo-label term (3), UDA term (1) and source loss (3).
 MPL_LOSSES = {"pham": 14, "course": 13}
-# Full-resolution class maps of one MPL iteration with the fused loss: only the teacher's clean
-# target main head, whose logits its labeler reads; every discriminator's input comes from the fused
-# upsample + softmax kernel.
+# Full-resolution class maps of one MPL iteration with the fused loss (and heads upsampled by
+# LowResLogits.full): only the teacher's clean target main head, whose logits its labeler reads; every
+# discriminator's input comes from the fused upsample + softmax kernel.
 MPL_FULL_MAPS = 1
+# The student's adversarial_step (AdaptSegNet's step: source CE, target adversarial and pseudo-label terms,
+# discriminator step), whose losses the MPL step returns.
+ADVERSARIAL_LOSSES = {"loss_seg", "loss_adv", "loss_pseudo", "loss_d"}
 
 
 @pytest.mark.slow
@@ -198,7 +175,11 @@ def test_mpl_step_with_the_fused_loss_reads_low_resolution_heads_and_matches_the
         interpreted, one_thread, rule):
     # uda.meta_pseudo_labels.MPLStep with --fused-loss on: every cross-entropy (the student's no-grad
     # labeled loss included) reads LowResLogits, no full-resolution map is made that nothing reads,
-    # and losses and the first applied gradients are those of the classifier-first step.
+    # and losses and the first applied gradients are those of the classifier-first step. The student's
+    # step is uda.adversarial.adversarial_step: its source CE and target pseudo-label CE through the loss
+    # kernel, its discriminator's source and target maps through the softmax kernel (forward, and
+    # backward into the student with --lambda-adv 1); course's student update is that step's, and its
+    # discriminator's update too.
     sys.path.insert(0, str(ROOT / "tests"))
     try:
         from fused_loss_cases import run_mpl_step
@@ -206,8 +187,9 @@ def test_mpl_step_with_the_fused_loss_reads_low_resolution_heads_and_matches_the
         sys.path.remove(str(ROOT / "tests"))
     reference, fused = run_mpl_step(False, rule), interpreted["mpl"][rule]
     assert fused["read"] == ["low_res"] * MPL_LOSSES[rule] and reference["read"] == ["full"] * MPL_LOSSES[rule]
-    assert fused["full_maps"] == MPL_FULL_MAPS < reference["full_maps"]
+    assert fused["full_maps"] == fused["full_calls"] == MPL_FULL_MAPS < reference["full_maps"]
     assert fused["losses"].keys() == reference["losses"].keys() and fused["losses"]["pl_kept"] > 0
+    assert ADVERSARIAL_LOSSES <= fused["losses"].keys()
     loss_scale = reference["losses"]["t_loss_seg"].item()
     for name, value in reference["losses"].items():  # h = a difference of two losses: absolute tolerance
         torch.testing.assert_close(fused["losses"][name], value, rtol=1e-5, atol=1e-6 * loss_scale, msg=name)
@@ -219,6 +201,14 @@ def test_mpl_step_with_the_fused_loss_reads_low_resolution_heads_and_matches_the
         assert got.keys() == expected.keys()
         for name, grad in expected.items():
             torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-5 * scale, msg=f"{side} {name}")
+    # The student's discriminator's update (after pham's pseudo-label step, whose rounding its maps carry:
+    # course's only).
+    if rule == "course":
+        expected, got = reference["student_grads_d"][0], fused["student_grads_d"][0]
+        scale = max(grad.abs().max().item() for grad in expected.values())
+        assert got.keys() == expected.keys() and expected
+        for name, grad in expected.items():
+            torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-5 * scale, msg=f"discriminator {name}")
 
 # Pointer arguments of the kernels: the logits and their gradient in the network's dtype, labels
 # int64, tap indices and ranges int32, everything else float32; the other arguments are int32.
