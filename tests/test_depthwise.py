@@ -4,7 +4,8 @@ Triton forms against the reference, F.conv2d(groups=C), 4x4 stride 2 padding 1, 
 The dense form runs here. The Triton kernels run in Triton's CPU interpreter, in a subprocess
 (tests/depthwise_cases.py, TRITON_INTERPRET=1 set before Triton is imported) that saves its outputs
 and gradients; the references are computed here from the same inputs. The subprocess takes about
-7 s of CPU (10 s wall on two busy cores), hence the slow mark on the tests that read it.
+6-7 s of CPU on a busy two-core machine, half of it importing torch and Triton, hence the slow mark
+on the tests that read it.
 """
 import pytest
 import torch

@@ -4,8 +4,9 @@ against the reference ops, F.interpolate(bilinear, align_corners=False) + F.cros
 
 The Triton kernels run in Triton's CPU interpreter, in a subprocess (tests/fused_loss_cases.py,
 TRITON_INTERPRET=1 set before Triton is imported) that saves its losses and gradients; the
-references are computed here. The subprocess takes about 12 s of CPU (13-15 s wall on two busy
-cores), hence the slow mark on the tests that read it.
+references are computed here. The subprocess takes about 21-24 s of CPU on a busy two-core machine
+(`OMP_NUM_THREADS=1 TRITON_INTERPRET=1 /usr/bin/time .venv/bin/python tests/fused_loss_cases.py OUT`),
+most of it the two MPL steps, hence the slow mark on the tests that read it.
 """
 import sys
 from pathlib import Path
