@@ -31,7 +31,7 @@ test: venv
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --maxprocesses 4 --dist loadfile tests
 
 test-fast: venv
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --maxprocesses 4 --dist loadfile -m "not slow" tests
 
 clean-results:  # the demo's scratch output; the committed results/ stay
 	rm -rf runs/synthetic
