@@ -33,11 +33,6 @@ FFM_IN_CHANNELS = {name: SPATIAL_CHANNELS[-1] + sum(c) for name, c in CONTEXT_CH
 _TRUNK_CLASSIFIER_PREFIX = "fc."
 
 
-def _imagenet_weights_url(context_path):
-    """Where torchvision downloads the trunk's IMAGENET1K_V1 weights from."""
-    return IMAGENET1K_V1_URLS[context_path]
-
-
 def check_context_path(context_path):
     """Raise ValueError naming the valid choices unless ``context_path`` is one of CONTEXT_PATHS."""
     if context_path not in CONTEXT_PATHS:
@@ -227,7 +222,7 @@ class BiSeNet(nn.Module):
 def imagenet_weights_path(context_path):
     """Where torchvision's IMAGENET1K_V1 file for the trunk must be: the local hub cache."""
     check_context_path(context_path)
-    filename = Path(urlparse(_imagenet_weights_url(context_path)).path).name
+    filename = Path(urlparse(IMAGENET1K_V1_URLS[context_path]).path).name
     return Path(torch.hub.get_dir()) / "checkpoints" / filename
 
 
@@ -239,7 +234,7 @@ def _trunk_state_dict(context_path, pretrained):
             # Never download: runs must be reproducible offline and on machines without internet.
             raise FileNotFoundError(
                 f"ImageNet weights for {context_path} not found at {path}; put torchvision's "
-                f"{path.name} there ({_imagenet_weights_url(context_path)}), or train from "
+                f"{path.name} there ({IMAGENET1K_V1_URLS[context_path]}), or train from "
                 f"scratch with --pretrained none"
             )
     else:

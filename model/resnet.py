@@ -15,10 +15,9 @@ tests/test_resnet.py checks all three against torchvision itself.
 """
 from torch import nn
 
-# torchvision's IMAGENET1K_V1 weights (``ResNet18_Weights`` / ``ResNet101_Weights``), by trunk.
-RESNET18_IMAGENET1K_V1_URL = "https://download.pytorch.org/models/resnet18-f37072fd.pth"
-RESNET101_IMAGENET1K_V1_URL = "https://download.pytorch.org/models/resnet101-63fe2227.pth"
-IMAGENET1K_V1_URLS = {"resnet18": RESNET18_IMAGENET1K_V1_URL, "resnet101": RESNET101_IMAGENET1K_V1_URL}
+# Where torchvision downloads its IMAGENET1K_V1 weights (``ResNet18_Weights`` / ``ResNet101_Weights``), by trunk.
+IMAGENET1K_V1_URLS = {"resnet18": "https://download.pytorch.org/models/resnet18-f37072fd.pth",
+                      "resnet101": "https://download.pytorch.org/models/resnet101-63fe2227.pth"}
 
 STEM_CHANNELS = 64
 STAGE_WIDTHS = (64, 128, 256, 512)  # planes of layer1..layer4 (times the block's expansion out)

@@ -9,7 +9,7 @@ from torch import nn
 import model.bisenet
 from model import CONTEXT_PATHS, build_bisenet
 from model.bisenet import imagenet_weights_path
-from model.resnet import ResNetTrunk
+from model.resnet import IMAGENET1K_V1_URLS, ResNetTrunk
 from tests.helpers import randomize_
 
 TORCHVISION_WEIGHTS = {"resnet18": torchvision.models.ResNet18_Weights,
@@ -102,5 +102,5 @@ def test_the_trunk_computes_torchvisions_features_and_gradients(name):
 def test_imagenet_weights_are_torchvisions_imagenet1k_v1(name, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     url = TORCHVISION_WEIGHTS[name].IMAGENET1K_V1.url
-    assert model.bisenet._imagenet_weights_url(name) == url
+    assert IMAGENET1K_V1_URLS[name] == url
     assert imagenet_weights_path(name) == tmp_path / "hub" / "checkpoints" / url.rsplit("/", 1)[1]
