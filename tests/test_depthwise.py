@@ -16,12 +16,10 @@ from model import build_discriminator
 from model import depthwise
 from model.depthwise import BLOCK_CHANNELS, BLOCK_PIXELS, WEIGHT_BLOCK_PIXELS, block_diagonal, set_depthwise
 from uda.adversarial import build_discriminator_parts
+from tests.depthwise_cases import REPEATED  # the cases that run twice
 from tests.helpers import compile_for_hopper, kernels_to_compile, run_in_triton_interpreter, runtime_args
 from utils import triton_support
 from utils.errors import OptionError
-
-# The cases of tests/depthwise_cases.py that run twice (REPEATED there).
-REPEATED = ["odd_nhwc", "odd_rows_45", "nchw_input"]
 
 
 @pytest.fixture(scope="module")

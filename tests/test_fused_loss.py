@@ -21,15 +21,13 @@ from engine.fused_loss import axis_tables
 from engine.steps import segmentation_loss
 from model import build_bisenet
 from model.resize import interpolation_matrix
+from tests.fused_loss_cases import REPEATED, SOFTMAX_REPEATED  # the cases that run twice
 from tests.helpers import compile_for_hopper, kernels_to_compile, run_in_triton_interpreter, runtime_args
 from utils import triton_support
 from utils.errors import OptionError
 
 ROOT = Path(__file__).resolve().parents[1]
 IGNORE = 255
-# The cases of tests/fused_loss_cases.py that run twice (REPEATED, SOFTMAX_REPEATED there).
-REPEATED = ["bf16_channels_last", "odd_sizes", "mixed_axes", "nineteen_classes", "all_ignored"]
-SOFTMAX_REPEATED = ["bf16_channels_last", "odd_sizes", "mixed_axes", "nineteen_classes"]
 
 
 @pytest.fixture(scope="module")
