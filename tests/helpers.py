@@ -1,6 +1,6 @@
 """Helpers shared by the test files: the tiny run's flags, reading a run's files, damaging files,
 stopping a training script after a given iteration, launching scripts as subprocesses, randomising
-weights."""
+weights, counting the host's reads of tensor values."""
 import contextlib
 import hashlib
 import json
@@ -173,3 +173,31 @@ def randomize_(model, seed=0):
             else:
                 tensor.copy_(0.1 * (noise - 0.5))
     return model
+
+
+# The Tensor methods through which the host reads a tensor's value: on a GPU, each waits for the device.
+HOST_READS = ("__bool__", "item", "tolist", "__float__", "__int__", "__index__")
+
+
+@contextlib.contextmanager
+def host_reads():
+    """While active, the names of the HOST_READS methods called on any tensor, in call order."""
+    calls = []
+    own = {name: torch.Tensor.__dict__.get(name) for name in HOST_READS}  # None: inherited from the C base
+
+    def counting(name, real):
+        def method(self, *args, **kwargs):
+            calls.append(name)
+            return real(self, *args, **kwargs)
+        return method
+
+    for name in HOST_READS:
+        setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name)))
+    try:
+        yield calls
+    finally:
+        for name, method in own.items():
+            if method is None:
+                delattr(torch.Tensor, name)
+            else:
+                setattr(torch.Tensor, name, method)

@@ -6,6 +6,7 @@ from engine.steps import NonFiniteLossError, buffers_restored_on_refusal, segmen
 from uda.adversarial import adversarial_step
 from engine.optim import build_optimizer, poly_lr
 from engine.precision import Precision
+from tests.helpers import host_reads
 
 SIZE = (64, 64)
 # Two threads per process on two shared cores spin against each other; one is several times faster.
@@ -173,20 +174,15 @@ def test_a_refused_step_leaves_every_parameter_and_buffer_as_it_was(poisoned):
 
 
 @pytest.mark.parametrize("pseudo_labels", [False, True])
-def test_an_adversarial_step_reads_tensor_values_on_the_host_once(monkeypatch, pseudo_labels):
+def test_an_adversarial_step_reads_tensor_values_on_the_host_once(pseudo_labels):
     """On a GPU every read of a tensor's value by the host waits for the device: the step checks its
     losses (source, target, discriminator) in one sync, before its first update (fp32: no GradScaler)."""
     model, disc, optimizer, optimizer_d, precision, scaler, scaler_d = _parts()
     source_images, source_labels = _batch(1)
     target_images, target_labels = _batch(2, labels=pseudo_labels)
-    counted = []
-    for name in ("__bool__", "item", "tolist", "__float__", "__int__"):
-        real = getattr(torch.Tensor, name)
-        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _real=real, _name=name, **k:
-                            counted.append(_name) or _real(self, *a, **k))
-    losses = adversarial_step(model, disc, optimizer, optimizer_d, scaler, scaler_d, precision,
-                              source_images, source_labels, target_images, target_labels)
-    monkeypatch.undo()
+    with host_reads() as counted:
+        losses = adversarial_step(model, disc, optimizer, optimizer_d, scaler, scaler_d, precision,
+                                  source_images, source_labels, target_images, target_labels)
     assert counted == ["tolist"]
     assert set(losses) == {"loss_seg", "loss_adv", "loss_d", *(["loss_pseudo"] if pseudo_labels else [])}
 

@@ -21,6 +21,7 @@ from engine.precision import Precision
 from engine.steps import NonFiniteLossError
 from model import build_bisenet, build_discriminator
 from engine.optim import build_optimizer
+from tests.helpers import host_reads
 from tests.mpl_reference import reference_mpl_step
 from uda.meta_pseudo_labels import Learner, MPLStep, PseudoLabeler
 from uda.mpl_feedback import CourseFeedback, PhamFeedback
@@ -179,18 +180,13 @@ def test_a_non_finite_teacher_discriminator_loss_refuses_the_teacher_update(monk
 
 
 @pytest.mark.parametrize("rule, reads", [("pham", 4), ("course", 3)])
-def test_the_step_reads_tensor_values_on_the_host_once_per_finiteness_check_only(monkeypatch, rule, reads):
+def test_the_step_reads_tensor_values_on_the_host_once_per_finiteness_check_only(rule, reads):
     # On a GPU each read of a tensor's value by the host waits for the device. What is left: one
     # finiteness check per update (pham: the teacher's target terms, the pseudo-label step with the
     # labeled loss before it, the student's adversarial step, the teacher's losses with its
     # discriminator's); the step before read 10 (pham) and 8 (course) values.
     step = _step(rule, 0.5)
     step(*_batches(0), 0)  # the first iteration refreshes the thresholds: a later one is the usual one
-    counted = []
-    for name in ("__bool__", "item", "tolist", "__float__", "__int__"):
-        real = getattr(torch.Tensor, name)
-        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _real=real, _name=name, **k:
-                            counted.append(_name) or _real(self, *a, **k))
-    step(*_batches(1), 1)
-    monkeypatch.undo()
+    with host_reads() as counted:
+        step(*_batches(1), 1)
     assert counted == ["tolist"] * reads
