@@ -27,7 +27,8 @@ from cli.builders import (make_eval_loader, maybe_compile, resolve_data, segment
                             target_eval_dataset, target_train_dataset, train_stream)
 from utils.distributed import cleanup_distributed, wrap_ddp
 from model import model_config as bisenet_config
-from cli.options import add_data_args, add_model_args, add_runtime_args, add_training_args, make_parser
+from cli.options import (add_cuda_graph_arg, add_data_args, add_model_args, add_runtime_args, add_training_args,
+                         make_parser)
 from cli.run import finish_run, make_image_logger, make_validator, resolve_schedule, start_run
 from engine.trainer import Trainer
 from dataset.normalization import get_normalization
@@ -44,7 +45,7 @@ def get_args(argv=None):
     add_adversarial_args(parser)
     add_pseudo_label_args(parser)
     add_self_training_args(parser)
-    add_runtime_args(parser)
+    add_cuda_graph_arg(add_runtime_args(parser))
     return parser.parse_args(argv)
 
 
@@ -98,7 +99,8 @@ def main(args):
         validate_fn=make_validator({"model": model}, val_loader, context, args.progress),
         image_fn=make_image_logger(model, val, context, target_normalization),
         val_every=args.val_every, log_every=args.log_every, checkpoint_every=args.checkpoint_every,
-        logger=context.logger, fp16_skipping=context.precision.mode == "fp16")
+        logger=context.logger, fp16_skipping=context.precision.mode == "fp16",
+        finite_check=getattr(step, "finite_check", None))
     if args.resume:
         trainer.resume(args.resume)
     trainer.run()

@@ -19,8 +19,9 @@ from model import build_bisenet, load_bisenet
 from model.discriminator import MIN_INPUT_SIDE, STRIDED_LAYERS
 from engine.compilation import compile_network, configure_compile_cache
 from engine.optim import build_optimizer
+from engine.precision import Precision
 from engine.data import BatchStream, eval_loader
-from utils.distributed import configure_batchnorm
+from utils.distributed import configure_batchnorm, get_world_size
 from utils.errors import OptionError
 from utils.triton_support import triton_unavailable
 
@@ -145,11 +146,31 @@ def resolve_fast_paths(args, device):
         if value == "auto":
             value = "on" if device.type in devices else "off"
         setattr(args, flag, value)
+    if getattr(args, "cuda_graph", "off") == "on":
+        refuse_cuda_graph_conflicts(args, device)
     if args.compile == "on":  # an unwritable --compile-cache fails here, before any work
         args.compile_cache = configure_compile_cache(getattr(args, "compile_cache", None))
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
     return args
+
+
+def refuse_cuda_graph_conflicts(args, device):
+    """--cuda-graph on: an OptionError naming the first flag the captured step cannot hold (engine.cuda_graph)."""
+    conflicts = (
+        (device.type != "cuda", f"needs a CUDA device (got {device})"),
+        (get_world_size() > 1, "runs in one process (DistributedDataParallel's reduction is not captured)"),
+        (args.compile == "on", "replaces --compile on (give one of them)"),
+        (Precision(device, args.amp).mode == "fp16", "needs bf16 or fp32 (--amp fp16 decides on loss scaling "
+                                                     "on the host)"),
+        ("rmsprop" in (args.optimizer, getattr(args, "optimizer_d", None)),
+         "needs --optimizer/--optimizer-d sgd or adam (RMSprop has no fused kernel to refuse a step on the device)"),
+        (getattr(args, "self_training", "none") != "none" or getattr(args, "fda_beta", 0) > 0,
+         "cannot hold --self-training dacs or --fda-beta (their draws are re-seeded on the host each step)"),
+    )
+    for conflict, reason in conflicts:
+        if conflict:
+            raise OptionError(f"--cuda-graph on {reason}; use --cuda-graph off")
 
 
 def resolve_depthwise(args, device):

@@ -232,6 +232,15 @@ def add_training_args(parser, default_lr=DEFAULT_LR):
     return group
 
 
+def add_cuda_graph_arg(group):
+    group.add_argument("--cuda-graph", default="off", choices=("on", "off"),
+                       help="capture the training step once in a CUDA graph and replay it (engine/cuda_graph.py): "
+                            "one launch per step, no host sync; losses checked on the device, a non-finite one "
+                            "stops the run at the next log window. One CUDA process, bf16 or fp32, no --compile, "
+                            "SGD/Adam, no FDA/DACS. Never run on a GPU yet, hence off by default (docs/speed.md)")
+    return group
+
+
 def add_compile_cache_arg(group):
     group.add_argument("--compile-cache", default=None, metavar="DIR|off",
                        help="with --compile: folder of Inductor's compiled kernels, kept so later runs on this machine "

@@ -36,5 +36,23 @@ def poly_lr(base_lr, iteration, max_iterations, power=POLY_POWER):
 
 
 def set_lr(optimizer, lr):
+    """Every param group's learning rate; a tensor one (a CUDA-graph step reads it from its address,
+    engine.cuda_graph) is filled in place."""
     for group in optimizer.param_groups:
-        group["lr"] = lr
+        if torch.is_tensor(group["lr"]):
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
+
+
+def portable_state_dict(optimizer):
+    """``optimizer.state_dict()`` as an eager run writes it: learning rates as floats and capturable
+    off, where a CUDA-graph step (engine.cuda_graph) changed its param groups, so the checkpoint
+    resumes in either mode and on any device."""
+    state = optimizer.state_dict()
+    for group in state["param_groups"]:  # copies: the optimizer's own groups keep their tensors
+        if torch.is_tensor(group["lr"]):
+            group["lr"] = float(group["lr"])
+        if group.get("capturable"):
+            group["capturable"] = False
+    return state

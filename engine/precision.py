@@ -28,6 +28,9 @@ class Precision:
         if mode == "fp16" and self.device.type != "cuda":
             raise OptionError(f"--amp fp16 needs a CUDA device (got {self.device}); use --amp off or bf16 on the CPU")
         self.mode = mode
+        # Autocast keeps each weight's low-precision cast for the rest of its region; a CUDA-graph
+        # capture (engine.cuda_graph) turns that off, since a cast made once would never be redone.
+        self.autocast_cache = True
 
     @property
     def enabled(self):
@@ -36,7 +39,7 @@ class Precision:
     def autocast(self):
         if not self.enabled:
             return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=_DTYPES[self.mode])
+        return torch.autocast(device_type=self.device.type, dtype=_DTYPES[self.mode], cache_enabled=self.autocast_cache)
 
     def grad_scaler(self):
         """A GradScaler that is active only for fp16 (bf16 has fp32's range and needs none)."""

@@ -17,7 +17,10 @@ streams and hands the loop a ``step_fn``; everything around the step lives here 
 * a non-finite loss stops the run naming the iteration and term (the last checkpoint stays as it
   was); under fp16 loss scaling such steps are skipped and counted instead, as GradScaler does,
   until too many come in a row, and a skipped step leaves the networks' buffers (BatchNorm
-  statistics) as they were before it.
+  statistics) as they were before it. A step checked on the device (``finite_check``, a
+  ``engine.cuda_graph.DeferredFiniteCheck``: --cuda-graph) refuses its update and every later one
+  there; the loop stops with the same error at its next sync (log window, validation, checkpoint),
+  naming the first refused iteration, and writes nothing.
 """
 import contextlib
 import json
@@ -39,7 +42,7 @@ from utils.distributed import all_reduce_max, all_reduce_mean, barrier, get_worl
 from engine.steps import NonFiniteLossError, buffers_restored_on_refusal
 from utils.logger import git_commit, plain_args, write_json, write_run_info, write_text
 from engine.metrics import scores_to_json
-from engine.optim import poly_lr, set_lr
+from engine.optim import poly_lr, portable_state_dict, set_lr
 from utils.seed import rng_state, set_rng_state
 from utils.errors import UserError
 
@@ -95,7 +98,7 @@ class TrainingInterrupted(SystemExit):
 class Trainer:
     def __init__(self, *, args, output_dir, device, networks, optimizers, scalers, streams, step_fn,
                  validate_fn=None, max_iters, val_every=0, log_every=10, checkpoint_every=0,
-                 logger=None, configs=None, lr_power=0.9, fp16_skipping=False, image_fn=None):
+                 logger=None, configs=None, lr_power=0.9, fp16_skipping=False, image_fn=None, finite_check=None):
         self.args = args
         self.output_dir = Path(output_dir)
         self.device = device
@@ -114,6 +117,7 @@ class Trainer:
         self.logger = logger
         self.lr_power = lr_power
         self.fp16_skipping = fp16_skipping
+        self.finite_check = finite_check  # a DeferredFiniteCheck the step checks its losses with, or None
         self.iteration = 0
         self.best_score = -math.inf
         self.history = []
@@ -130,7 +134,7 @@ class Trainer:
             "best_miou": self.best_score if math.isfinite(self.best_score) else None,
             "history": self.history,
             "skipped_steps": self.skipped_steps,
-            "optimizers": {name: optimizer.state_dict() for name, (optimizer, _) in self.optimizers.items()},
+            "optimizers": {name: portable_state_dict(optimizer) for name, (optimizer, _) in self.optimizers.items()},
             "scalers": {name: scaler.state_dict() for name, scaler in self.scalers.items()},
             "rng": rng_state(),
             "world_size": get_world_size(),
@@ -150,6 +154,7 @@ class Trainer:
     def save(self, filename):
         """Write the state as ``filename``; a second checkpoint of the same iteration (``last.pth``
         right after a new ``best.pth``) links the file already written instead of writing it again."""
+        self._raise_if_refused()  # a refused step's networks are never saved
         if is_main_process():
             path = self.output_dir / filename
             if self._saved is not None and self._saved[0] == self.iteration and self._saved[1].is_file():
@@ -275,9 +280,25 @@ class Trainer:
             set_lr(optimizer, rates[name])
         return rates
 
+    def _raise_if_refused(self):
+        """With a device-side finiteness check: stop if a step since the last sync was refused."""
+        if self.finite_check is None:
+            return
+        try:
+            self.finite_check.raise_if_refused()
+        except NonFiniteLossError as error:
+            raise TrainingError(self._non_finite_message(error.iteration, error)
+                                + " (the steps after it were not applied either)") from None
+
+    def _non_finite_message(self, iteration, error):
+        return (f"iteration {iteration}: {error}. The run stops here; the last good checkpoint "
+                f"({self.output_dir / LAST_CHECKPOINT}) was left as it was. Lower the learning rate or check "
+                f"the data of this step")
+
     def _validate(self):
         if self.validate_fn is None:
             return
+        self._raise_if_refused()
         results = self.validate_fn(self.iteration)
         record = {"iteration": self.iteration, "scores": {name: scores_to_json(scores) for name, scores in results.items()}}
         self.history.append(record)
@@ -341,11 +362,7 @@ class Trainer:
                         losses = self.step_fn(batches, self.iteration)
                 except NonFiniteLossError as error:
                     if not self.fp16_skipping:
-                        raise TrainingError(
-                            f"iteration {self.iteration}: {error}. The run stops here; the last good "
-                            f"checkpoint ({self.output_dir / LAST_CHECKPOINT}) was left as it was. Lower "
-                            f"the learning rate or check the data of this step."
-                        ) from None
+                        raise TrainingError(self._non_finite_message(self.iteration, error) + ".") from None
                     self.skipped_steps += 1
                     consecutive_skips += 1
                     tqdm.write(f"[amp] iteration {self.iteration}: {error}; step skipped ({self.skipped_steps} so far)")
@@ -365,6 +382,7 @@ class Trainer:
                 progress.update(1)
 
                 if self.iteration % self.log_every == 0 or self.iteration == self.max_iters:
+                    self._raise_if_refused()
                     # Divide by the steps summed, not log_every: the last window of a run, the first
                     # after a resume and a window with skipped fp16 steps hold fewer.
                     means = {name: float(total) / max(1, summed_steps)

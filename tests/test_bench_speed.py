@@ -162,6 +162,13 @@ def test_training_levers_are_measured_one_by_one_from_the_naive_baseline():
         assert dataclasses.replace(config, key="ours", label=TRAIN_SCRIPTS_CUDA.label, depthwise="native") \
             == TRAIN_SCRIPTS_CUDA
     assert {config.depthwise for config in CPU_TRAIN_LEVERS} == {"native", "dense"}
+    # --cuda-graph on ours alone, then every opt-in at once (the goals' entry, also for R101); CUDA only.
+    graphed, opt_ins = (CUDA_TRAIN_LEVERS[keys.index(key)] for key in ("ours_cuda_graph", "ours_opt_ins"))
+    assert keys.index("ours") < keys.index(graphed.key) < keys.index(opt_ins.key)
+    assert dataclasses.replace(graphed, key="ours", label=TRAIN_SCRIPTS_CUDA.label, cuda_graph=False) == TRAIN_SCRIPTS_CUDA
+    assert dataclasses.replace(opt_ins, key="ours", label=TRAIN_SCRIPTS_CUDA.label, cuda_graph=False, fused_loss=False,
+                               depthwise="native") == TRAIN_SCRIPTS_CUDA
+    assert not any(config.cuda_graph for config in CPU_TRAIN_LEVERS)
 
     bench = SimpleNamespace(device=torch.device("cpu"))
     cuda_levers_on_the_cpu = dataclasses.replace(TRAIN_SCRIPTS_CUDA, amp="off")
@@ -176,6 +183,39 @@ def test_training_levers_are_measured_one_by_one_from_the_naive_baseline():
     assert not (model.skip_unread_aux or model.classifier_first or model.resize.matmul or discriminator.upsample.matmul
                 or model.fused_loss)
     assert discriminator.conv1.depthwise.implementation == "native"
+
+
+@pytest.mark.parametrize("faithful", [True, False])
+def test_the_cuda_graph_entry_compares_replayed_steps_with_eager_ones(faithful, monkeypatch, one_thread):
+    """graph_deviation runs the same seeded steps eagerly and through GraphedStep. Here the graph is a
+    stand-in that runs the captured step again at each replay: the runs then differ only by the
+    float32 learning rates (~1e-7); a graph that replays nothing after its first launch leaves the
+    parameters of the last steps behind, and the deviation shows it."""
+    import dataclasses
+    from types import SimpleNamespace
+
+    from bench.speedbench.config import TRAIN_CUDA_GRAPH
+    from bench.speedbench.training import graph_deviation
+
+    def capture(function):
+        launches = []
+
+        def replay():
+            launches.append(1)
+            if faithful or len(launches) == 1:
+                function()
+        return replay
+    monkeypatch.setattr("engine.cuda_graph.CudaGraphCapture", lambda: capture)
+    generator = torch.Generator().manual_seed(0)
+    batch = (torch.randn(2, 3, 64, 64, generator=generator), torch.randint(0, 19, (2, 64, 64), generator=generator),
+             torch.randn(2, 3, 64, 64, generator=generator))
+    bench = SimpleNamespace(device=torch.device("cpu"), train_batch=lambda: batch)
+    config = dataclasses.replace(TRAIN_CUDA_GRAPH, amp="off", cudnn_benchmark=False)
+    deviation = graph_deviation(bench, "resnet18", "dsc", config, steps=6)
+    if faithful:
+        assert deviation["losses"] < 1e-5 and deviation["parameters"] < 1e-5
+    else:
+        assert deviation["parameters"] > 1e-3
 
 
 def test_depthwise_entries_record_their_deviation_from_the_native_discriminator(monkeypatch):

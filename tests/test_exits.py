@@ -185,6 +185,8 @@ START_ERRORS = {
                               "--fused-loss on: its Triton kernels need a CUDA device (got cpu)"),
     "depthwise triton on the CPU": (lambda d, t: ["--data-root", d, "--device", "cpu", "--depthwise", "triton"],
                                     "--depthwise triton: its Triton kernels need a CUDA device (got cpu)"),
+    "cuda graph on the CPU": (lambda d, t: ["--data-root", d, "--device", "cpu", "--cuda-graph", "on"],
+                              "--cuda-graph on needs a CUDA device (got cpu); use --cuda-graph off"),
     "cuda without a GPU": (lambda d, t: ["--data-root", d, "--device", "cuda"],
                            "--device cuda: CUDA is not available on this machine"),
 }

@@ -12,6 +12,7 @@ from utils import files as files_module  # where atomic_write calls os.replace
 from utils.checkpoint import load_checkpoint_file
 from engine.data import BatchStream
 from engine.steps import NonFiniteLossError, check_finite
+from engine.cuda_graph import DeferredFiniteCheck
 from engine.trainer import MAX_CONSECUTIVE_SKIPPED, Trainer, TrainingError
 
 
@@ -137,3 +138,34 @@ def test_a_checkpoint_of_an_iteration_already_saved_links_that_file(tmp_path, mo
     assert best["iteration"] == last["iteration"] == 4 and best["best_miou"] == pytest.approx(0.4)
     assert all(torch.equal(best["model"][key], value) for key, value in last["model"].items())
     assert temporaries(tmp_path) == []
+
+
+def test_a_step_refused_on_the_device_stops_the_run_at_the_next_sync_naming_it_and_saving_nothing(tmp_path):
+    """--cuda-graph's finiteness check (engine.cuda_graph.DeferredFiniteCheck) reads nothing in the step:
+    the loop learns of a non-finite loss at its next sync (the log window at iteration 4 here), names
+    the iteration that had it, and writes no checkpoint of the networks after it; the steps from it on
+    were refused on the device, so the networks are still those of last.pth (iteration 2)."""
+    torch.manual_seed(0)
+    network = nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(network.parameters(), lr=0.1, fused=True)
+    check = DeferredFiniteCheck([optimizer], "cpu")
+
+    def step(batches, iteration):
+        check.at_iteration(iteration)
+        optimizer.zero_grad()
+        x = batches["numbers"]["x"] * (float("nan") if iteration == 2 else 1.0)
+        loss = network(x).pow(2).mean()
+        loss.backward()
+        check({"loss": loss})
+        optimizer.step()
+        return {"loss": loss.detach()}
+
+    trainer = Trainer(args=SimpleNamespace(seed=0), output_dir=tmp_path, device=torch.device("cpu"),
+                      networks={"model": network}, optimizers={"model": (optimizer, 0.1)}, scalers={},
+                      streams={"numbers": BatchStream(_Numbers(), 2)}, step_fn=step, max_iters=8,
+                      log_every=4, checkpoint_every=2, finite_check=check)
+    with pytest.raises(TrainingError, match=r"^iteration 2: non-finite loss in loss\. .*not applied either"):
+        trainer.run()
+    saved = load_checkpoint_file(tmp_path / "last.pth")
+    assert saved["iteration"] == 2 and trainer.iteration == 4
+    assert all(torch.equal(saved["model"][name], value) for name, value in network.state_dict().items())

@@ -43,7 +43,7 @@ def domain_loss(discriminator, probabilities, domain):
 
 def adversarial_step(model, discriminator, optimizer, optimizer_d, scaler, scaler_d, precision,
                      source_images, source_labels, target_images, target_labels=None, lambda_adv=DEFAULT_LAMBDA_ADV,
-                     target_terms=None, extra_terms=None):
+                     target_terms=None, extra_terms=None, check=None):
     """One AdaptSegNet step: segmentation (+ fooling the discriminator), then discriminator.
 
     * source batch: cross-entropy on the three heads;
@@ -59,6 +59,8 @@ def adversarial_step(model, discriminator, optimizer, optimizer_d, scaler, scale
       (``main_output``): without target labels the auxiliary heads are not computed;
     * ``extra_terms(model) -> (loss, {name: logged value})``: one more forward of its own (e.g. the
       DACS mixed images), run under autocast and backpropagated before the optimizer step.
+    ``check``: the finiteness check of every loss before the first update, ``check_finite`` (one host
+    sync) unless given (``engine.cuda_graph.DeferredFiniteCheck``, on the device, for a captured step).
     """
     optimizer.zero_grad(set_to_none=True)
     if discriminator is not None:
@@ -113,7 +115,7 @@ def adversarial_step(model, discriminator, optimizer, optimizer_d, scaler, scale
     # backward passes before it only fill gradients, which a refused step discards (and the
     # buffers they moved are restored by the loop), so checking each term before its backward
     # would only add syncs, each stalling the device's queue.
-    check_finite(checked)
+    (check_finite if check is None else check)(checked)
     scaler.step(optimizer)
     scaler.update()
 

@@ -11,6 +11,7 @@ The step's random draws (FDA's target picks, ClassMix's classes, crops, jitter, 
 generator re-seeded from (seed, iteration, rank) at each step: a resumed run repeats them exactly.
 With none of these flags the step is exactly ``adversarial_step``.
 """
+from engine.cuda_graph import DeferredFiniteCheck, GraphedStep
 from uda.dacs import DACS
 from uda.entropy import entropy_terms
 from uda.fda import FourierStyleTransfer
@@ -44,6 +45,7 @@ class SelfTrainingStep:
         self.fda = fda
         self.target_terms = entropy_terms(entropy_weight) if entropy_weight > 0 else None
         self.generator = StepGenerator(seed)  # FDA's target picks, ClassMix, crops, jitter, blur
+        self.finite_check = None  # adversarial_step's check_finite unless set (a DeferredFiniteCheck)
 
     def __call__(self, batches, iteration):
         source_images, source_labels = batches["source"]["image"], batches["source"]["label"]
@@ -61,7 +63,7 @@ class SelfTrainingStep:
             self.model, self.discriminator, self.optimizer, self.optimizer_d, self.scaler, self.scaler_d,
             self.precision, source_images, source_labels, target_images,
             target.get("label") if self.pseudo_labels else None, lambda_adv=self.lambda_adv,
-            target_terms=self.target_terms, extra_terms=extra_terms)
+            target_terms=self.target_terms, extra_terms=extra_terms, check=self.finite_check)
         if self.dacs is not None:
             self.dacs.update_teacher(iteration)
         return losses
@@ -69,10 +71,16 @@ class SelfTrainingStep:
 
 def build_step(args, *, train_model, discriminator, optimizer, optimizer_d, scaler, scaler_d, precision,
                uses_target, pseudo_labels, dacs, source_normalization, target_normalization):
-    """The SelfTrainingStep the flags ask for."""
+    """The SelfTrainingStep the flags ask for; with --cuda-graph on, replayed from a CUDA graph
+    (``engine.cuda_graph.GraphedStep``, its ``finite_check`` the Trainer's)."""
     fda = (FourierStyleTransfer(args.fda_beta, source_normalization, target_normalization)
            if args.fda_beta > 0 else None)
-    return SelfTrainingStep(model=train_model, discriminator=discriminator, optimizer=optimizer,
+    step = SelfTrainingStep(model=train_model, discriminator=discriminator, optimizer=optimizer,
                             optimizer_d=optimizer_d, scaler=scaler, scaler_d=scaler_d, precision=precision,
                             lambda_adv=args.lambda_adv, seed=args.seed, pseudo_labels=pseudo_labels,
                             uses_target=uses_target, dacs=dacs, fda=fda, entropy_weight=args.entropy_weight)
+    if getattr(args, "cuda_graph", "off") != "on":
+        return step
+    optimizers = [o for o in (optimizer, optimizer_d) if o is not None]
+    step.finite_check = DeferredFiniteCheck(optimizers, precision.device)
+    return GraphedStep(step, step.finite_check, optimizers, precision, precision.device)

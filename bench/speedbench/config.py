@@ -189,6 +189,7 @@ class TrainConfig:
     fused_loss: bool = False       # --fused-loss: Triton upsample + log-softmax + NLL of the low-res heads and
     #                                upsample + softmax of the discriminator's maps (CUDA)
     depthwise: str = "native"      # --depthwise: DSC's depthwise convolutions native, dense (block-diagonal) or triton
+    cuda_graph: bool = False       # --cuda-graph on: the step captured once and replayed (engine.cuda_graph)
 
 
 TRAIN_NAIVE_CUDA = TrainConfig("naive", "naive: fp16 autocast + 2 GradScalers, NCHW, for-loop optimizers", "fp16")
@@ -199,6 +200,11 @@ TRAIN_FAST_PATHS_CUDA = TrainConfig("fast_paths", "bf16 + channels_last + fused 
 TRAIN_SCRIPTS_CUDA = TrainConfig("ours", "+ matmul resize (= the scripts' default on CUDA)", **CUDA_LEVERS)
 TRAIN_FUSED_LOSS_CUDA = TrainConfig("fused_loss", "ours + fused upsample/log-softmax/NLL and upsample/softmax "
                                     "(Triton, --fused-loss on)", **CUDA_LEVERS, fused_loss=True)
+TRAIN_CUDA_GRAPH = TrainConfig("ours_cuda_graph", "ours captured in a CUDA graph, losses checked on the device "
+                               "(--cuda-graph on)", **CUDA_LEVERS, cuda_graph=True)
+# Every opt-in lever at once (each off by default until timed): what the goals are measured against.
+TRAIN_OPT_INS_CUDA = TrainConfig("ours_opt_ins", "ours + --fused-loss on --depthwise triton --cuda-graph on",
+                                 **CUDA_LEVERS, fused_loss=True, depthwise="triton", cuda_graph=True)
 CUDA_TRAIN_LEVERS = (
     TRAIN_NAIVE_CUDA,
     TrainConfig("cudnn", "+ cudnn.benchmark", "fp16", False, True),
@@ -212,6 +218,9 @@ CUDA_TRAIN_LEVERS = (
     TRAIN_SCRIPTS_CUDA,
     # Opt-in (--fused-loss, off by default until it has run on a GPU): ours + the fused loss and softmax kernels.
     TRAIN_FUSED_LOSS_CUDA,
+    # Opt-in (--cuda-graph, off by default until it has run on a GPU): ours replayed from one graph; then all opt-ins.
+    TRAIN_CUDA_GRAPH,
+    TRAIN_OPT_INS_CUDA,
     # --depthwise (native by default until timed here): ours with DSC's depthwise convolutions as one
     # block-diagonal dense convolution, then by the NHWC Triton kernels.
     TrainConfig("ours_depthwise_dense", "ours + depthwise as one block-diagonal dense conv (--depthwise dense)",

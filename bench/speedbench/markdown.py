@@ -70,6 +70,20 @@ def _inference_lines(section):
     return lines
 
 
+def _deviation_note(entry):
+    """How far an entry's step computes from its reference, where it measured that."""
+    notes = []
+    depthwise = entry.get("depthwise_deviation")
+    if depthwise:
+        notes.append(f"vs native depthwise: output {depthwise['output']:.1e}, gradients {depthwise['grads']:.1e} "
+                     f"of the largest value")
+    graph = entry.get("graph_deviation")
+    if graph:
+        notes.append(f"vs {graph['steps']} eager steps: losses {graph['losses']:.1e}, parameters "
+                     f"{graph['parameters']:.1e} of the largest value")
+    return "; ".join(notes)
+
+
 def _training_lines(section):
     rows, naive = [], {}
     for entry in section["entries"]:
@@ -83,9 +97,7 @@ def _training_lines(section):
         spread = f"{entry['p10_ms']:.4g}-{entry['p90_ms']:.4g}" if entry.get("p10_ms") else "-"
         compile_s = "-" if "compile_cold_s" not in entry else \
             f"{fmt(entry['compile_cold_s'], 3)} / {fmt(entry.get('compile_warm_s'), 3)}"
-        deviation = entry.get("depthwise_deviation")
-        note = _status(entry) or (f"vs native depthwise: output {deviation['output']:.1e}, gradients "
-                                  f"{deviation['grads']:.1e} of the largest value" if deviation else "")
+        note = _status(entry) or _deviation_note(entry)
         rows.append((pair, config, fmt(ms), spread, fmt(speedup, 3), fmt(entry.get("peak_memory_gib"), 3), compile_s,
                      note))
     lines = ["## Training (one adversarial iteration)", ""]

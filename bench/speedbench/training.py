@@ -16,19 +16,24 @@ from utils.benchmark import time_callable
 from uda.adversarial import adversarial_step
 from cli.options import DEFAULT_LR
 from engine.compilation import compile_network
+from engine.cuda_graph import WARMUP_STEPS, DeferredFiniteCheck, GraphedStep
 from engine.precision import Precision
 
 from .common import (Job, RepeatedDataset, bind, cudnn_flags, fresh_compile_cache, make_optimizer, quantiles,
                      release_memory, reset_compiler, size_text, strict_fp32, synchronize)
 from .config import (CPU_TRAIN_LEVERS, CUDA_TRAIN_LEVERS, GIB, R18, TRAIN_COMPILE_COST_S, TRAIN_NAIVE_CPU,
-                     TRAIN_NAIVE_CUDA, TRAIN_SCRIPTS_CPU, TRAIN_SCRIPTS_CUDA, TrainConfig, fast_paths_train_config,
-                     scripts_train_config)
+                     TRAIN_NAIVE_CUDA, TRAIN_OPT_INS_CUDA, TRAIN_SCRIPTS_CPU, TRAIN_SCRIPTS_CUDA, TrainConfig,
+                     fast_paths_train_config, scripts_train_config)
 
 
 # Inductor's FX graph cache (compiled kernels) and AOTAutograd's cache (forward/backward split):
 # a miss is one graph generated and compiled, a hit one loaded from the cache folder.
 CACHE_COUNTERS = {"inductor": ("fxgraph_cache_miss", "fxgraph_cache_hit"),
                   "aot_autograd": ("autograd_cache_miss", "autograd_cache_hit")}
+
+
+
+GRAPH_COMPARE_STEPS = 8  # graph_deviation: the warm-up, the capture and a few replays
 
 
 def train_key(context_path, discriminator, config_key):
@@ -72,10 +77,15 @@ def measure_training(bench, context_path, discriminator_name, config):
             bench, context_path, discriminator_name, config)
         compiled = {"network": network}
 
-        def step():
-            adversarial_step(compiled["network"], discriminator, optimizer, optimizer_d, scaler, scaler_d, precision,
-                             source, labels, target, lambda_adv=DEFAULT_LAMBDA_ADV)
+        if config.cuda_graph:
+            step, finite_check = captured_step(bench, network, discriminator, optimizer, optimizer_d, scaler, scaler_d,
+                                               precision)
+        else:
+            finite_check = None
 
+            def step():
+                adversarial_step(compiled["network"], discriminator, optimizer, optimizer_d, scaler, scaler_d,
+                                 precision, source, labels, target, lambda_adv=DEFAULT_LAMBDA_ADV)
         result = {}
         if config.depthwise != "native":
             result["depthwise_deviation"] = depthwise_deviation(bench, discriminator, config.depthwise, precision)
@@ -90,11 +100,66 @@ def measure_training(bench, context_path, discriminator_name, config):
                         compiled["network"] = compile_network(model)
                     result[f"compile_{phase}_s"], result[f"cache_{phase}"] = _first_step(step, device)
                 result["compile_s"] = result["compile_cold_s"]
-            _, samples = time_callable(step, device, warmup=p.train_warmup, runs=p.train_runs)
+            warmup = p.train_warmup + (WARMUP_STEPS + 1 if config.cuda_graph else 0)  # + warm-up and capture
+            _, samples = time_callable(step, device, warmup=warmup, runs=p.train_runs)
             if bench.cuda:
                 result["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / GIB
-    result.update(quantiles(samples), runs=p.train_runs, warmup=p.train_warmup, precision=precision.mode)
+            if finite_check is not None:
+                finite_check.raise_if_refused()  # a refused step would have timed a step that updates nothing
+    result.update(quantiles(samples), runs=p.train_runs, warmup=warmup, precision=precision.mode)
+    if config.cuda_graph:
+        result["graph_deviation"] = graph_deviation(bench, context_path, discriminator_name, config)
     return result
+
+
+def captured_step(bench, network, discriminator, optimizer, optimizer_d, scaler, scaler_d, precision):
+    """The adversarial step on the bench's fixed batch as --cuda-graph on runs it: losses checked on the
+    device, warmed up eagerly, then captured and replayed (``engine.cuda_graph.GraphedStep``).
+    Returns (a callable running one step, its DeferredFiniteCheck)."""
+    source, labels, target = bench.train_batch()
+    check = DeferredFiniteCheck([optimizer, optimizer_d], bench.device)
+
+    def adversarial(batches, iteration):
+        return adversarial_step(network, discriminator, optimizer, optimizer_d, scaler, scaler_d, precision,
+                                batches["source"]["image"], batches["source"]["label"], batches["target"]["image"],
+                                lambda_adv=DEFAULT_LAMBDA_ADV, check=check)
+
+    graphed = GraphedStep(adversarial, check, [optimizer, optimizer_d], precision, bench.device)
+    batches = {"source": {"image": source, "label": labels}, "target": {"image": target}}
+    return (lambda: graphed(batches, 0)), check
+
+
+def graph_deviation(bench, context_path, discriminator_name, config, steps=GRAPH_COMPARE_STEPS):
+    """How far ``steps`` captured steps are from the same steps run eagerly (host check, float learning
+    rates) from one initialisation on the fixed batch: the largest relative difference of any loss
+    at any step, and of the networks' parameters at the end (over the largest eager value). A check
+    that the graph replays the step it captured (the tests cover the rest on the CPU)."""
+    eager_losses, eager_parameters = _seeded_steps(bench, context_path, discriminator_name,
+                                                   dataclasses.replace(config, cuda_graph=False), steps)
+    graph_losses, graph_parameters = _seeded_steps(bench, context_path, discriminator_name, config, steps)
+    loss_difference = max(abs(g[term] - e[term]) / max(abs(e[term]), 1e-30)
+                          for e, g in zip(eager_losses, graph_losses) for term in e)
+    parameter_difference = max(float((g - e).abs().max() / e.abs().max().clamp(min=1e-30))
+                               for e, g in zip(eager_parameters, graph_parameters))
+    return {"steps": steps, "losses": loss_difference, "parameters": parameter_difference,
+            "reference": "the same steps eager, same settings"}
+
+
+def _seeded_steps(bench, context_path, discriminator_name, config, steps):
+    """([{term: loss}] per step, the parameters after them) of ``steps`` steps from seed 0."""
+    network, model, discriminator, optimizer, optimizer_d, scaler, scaler_d, precision = build_training(
+        bench, context_path, discriminator_name, config, seed=0)
+    if config.cuda_graph:
+        step, _ = captured_step(bench, network, discriminator, optimizer, optimizer_d, scaler, scaler_d, precision)
+    else:
+        source, labels, target = bench.train_batch()
+
+        def step():
+            return adversarial_step(network, discriminator, optimizer, optimizer_d, scaler, scaler_d, precision,
+                                    source, labels, target, lambda_adv=DEFAULT_LAMBDA_ADV)
+    with cudnn_flags(benchmark=config.cudnn_benchmark):
+        losses = [{term: float(value) for term, value in step().items()} for _ in range(steps)]
+    return losses, [p.detach().float().clone() for p in (*model.parameters(), *discriminator.parameters())]
 
 
 def depthwise_deviation(bench, discriminator, implementation, precision):
@@ -164,6 +229,7 @@ def _train_settings(bench, context_path, discriminator, config):
             "compile": config.compile or "off", "finite_checks": config.finite_checks,
             "skip_unread_aux": config.skip_unread_aux, "classifier_first": config.classifier_first,
             "matmul_resize": config.matmul_resize, "fused_loss": config.fused_loss, "depthwise": config.depthwise,
+            "cuda_graph": config.cuda_graph,
             "step": "uda.adversarial.adversarial_step",
             "input": "fixed synthetic scenes already on the device"}
 
@@ -273,7 +339,8 @@ def training_jobs(bench, recorder):
     for context_path, discriminator, scope in p.train_pairs:
         # "levers": each lever in turn (the model's cumulative); "pair": naive, the fast paths without the
         # model's levers, and ours with them.
-        configs = levers if scope == "levers" else (naive, fast_paths_train_config(bench), scripts)
+        configs = levers if scope == "levers" else (
+            naive, fast_paths_train_config(bench), scripts, *([TRAIN_OPT_INS_CUDA] if bench.cuda else []))
         for config in configs:
             jobs.append(Job("training", train_key(context_path, discriminator, config.key),
                             f"{context_path}+{discriminator.upper()} | {config.label}",

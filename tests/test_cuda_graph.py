@@ -1,0 +1,180 @@
+"""engine/cuda_graph.py on the CPU: the finiteness check on the device against check_finite, and
+GraphedStep's warm-up, static inputs and learning rates around a stand-in for the CUDA graph that
+calls the captured function again at each replay (a real capture needs a GPU: bench/gpu_check.sh)."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from cli.builders import refuse_cuda_graph_conflicts
+from engine.cuda_graph import DeferredFiniteCheck, GraphedStep
+from engine.optim import portable_state_dict, set_lr
+from engine.steps import NonFiniteLossError
+from model import build_bisenet, build_discriminator
+from engine.optim import build_optimizer
+from engine.precision import Precision
+from uda.step import SelfTrainingStep
+from utils.errors import OptionError
+from tests.helpers import host_reads
+
+SIZE = (64, 64)
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _batches(seed, poisoned=False):
+    generator = torch.Generator().manual_seed(seed)
+    source = torch.randn(2, 3, *SIZE, generator=generator)
+    labels = torch.randint(0, 19, (2, *SIZE), generator=generator)
+    target = torch.randn(2, 3, *SIZE, generator=generator)
+    if poisoned:
+        target[0, 0, 0, 0] = float("nan")
+    return {"source": {"image": source, "label": labels}, "target": {"image": target}}
+
+
+def _training(deferred):
+    """A seeded BiSeNet + DSC adversarial step with the scripts' fused SGD/Adam, as build_step makes it."""
+    torch.manual_seed(0)
+    model = build_bisenet("resnet18", 19)
+    discriminator = build_discriminator("dsc", 19)
+    optimizer = build_optimizer("sgd", model.parameters(), 1e-2)
+    optimizer_d = build_optimizer("adam", discriminator.parameters(), 1e-3, weight_decay=0.0)
+    precision = Precision("cpu", "off")
+    step = SelfTrainingStep(model=model, discriminator=discriminator, optimizer=optimizer, optimizer_d=optimizer_d,
+                            scaler=precision.grad_scaler(), scaler_d=precision.grad_scaler(), precision=precision,
+                            lambda_adv=1e-3, seed=0, uses_target=True)
+    if deferred:
+        step.finite_check = DeferredFiniteCheck([optimizer, optimizer_d], "cpu")
+    return SimpleNamespace(step=step, model=model, discriminator=discriminator, optimizers=[optimizer, optimizer_d],
+                           precision=precision)
+
+
+def _state(training):
+    """Every tensor the step changes: both networks and both optimizers' states (steps, moments)."""
+    tensors = {**{f"model.{k}": v for k, v in training.model.state_dict().items()},
+               **{f"disc.{k}": v for k, v in training.discriminator.state_dict().items()}}
+    for index, optimizer in enumerate(training.optimizers):
+        for number, state in portable_state_dict(optimizer)["state"].items():
+            tensors.update({f"opt{index}.{number}.{k}": v for k, v in state.items()})
+    return {name: value.detach().clone() for name, value in tensors.items()}
+
+
+def _assert_equal_states(a, b):
+    assert a.keys() == b.keys()
+    assert [name for name in a if not torch.equal(a[name], b[name])] == []
+
+
+def _set_rates(training, iteration, float32=False):
+    """The poly schedule's rates; ``float32``: rounded as a captured step's float32 rate tensors hold
+    them (CUDA's fused kernels read a tensor rate as float32: the one numerical difference to an eager
+    run, about 6e-8 of the rate)."""
+    for optimizer, base in zip(training.optimizers, (1e-2, 1e-3)):
+        rate = base * (1 - iteration / 10) ** 0.9
+        set_lr(optimizer, float(torch.tensor(rate, dtype=torch.float32)) if float32 else rate)
+
+
+def test_the_device_check_gives_the_host_checked_steps_bit_for_bit_and_reads_nothing_on_the_host():
+    host, device = _training(deferred=False), _training(deferred=True)
+    for iteration in range(3):
+        batches = _batches(iteration)
+        for training in (host, device):
+            _set_rates(training, iteration)
+        expected = host.step(batches, iteration)
+        device.step.finite_check.at_iteration(iteration)
+        with host_reads() as reads:
+            losses = device.step(batches, iteration)
+        assert reads == []  # check_finite reads its flags with one tolist()
+        assert losses.keys() == expected.keys() and all(torch.equal(losses[k], expected[k]) for k in losses)
+    _assert_equal_states(_state(device), _state(host))
+    device.step.finite_check.raise_if_refused()  # nothing refused
+
+
+def test_a_non_finite_step_and_every_later_one_change_nothing_and_the_first_is_named():
+    training = _training(deferred=True)
+    check = training.step.finite_check
+    training.step(_batches(0), 0)
+    after_first = _state(training)
+    adam_steps = {float(state["step"]) for state in training.optimizers[1].state.values()}
+    for iteration, poisoned in ((1, True), (2, False)):
+        check.at_iteration(iteration)
+        training.step(_batches(iteration, poisoned), iteration)
+    # Refused on the device: no parameter, momentum or Adam moment moved, Adam's step counts undone.
+    # The forwards moved BatchNorm's statistics (NaN now): the loop stops before anything is saved.
+    now = _state(training)
+    moved = [name for name in now if not torch.equal(now[name], after_first[name])]
+    assert moved and all(name.endswith(("running_mean", "running_var", "num_batches_tracked")) for name in moved)
+    assert {float(state["step"]) for state in training.optimizers[1].state.values()} == adam_steps == {1.0}
+    with pytest.raises(NonFiniteLossError, match="loss_adv") as raised:
+        check.raise_if_refused()
+    assert raised.value.iteration == 1 and "loss_seg" not in raised.value.terms
+
+
+class ReplayingCapture:
+    """A CUDA graph's contract without a GPU: ``capture`` records the function without running it,
+    each replay runs it again, and fails if a learning rate is no longer the tensor captured (a real
+    graph reads its address: a float put in its place would never reach the kernels)."""
+
+    def __init__(self, optimizers):
+        self.optimizers = optimizers
+        self.captures = self.replays = 0
+
+    def _rates(self):
+        return [group["lr"] for optimizer in self.optimizers for group in optimizer.param_groups]
+
+    def __call__(self, function):
+        self.captures += 1
+        captured_rates = self._rates()
+        assert all(torch.is_tensor(rate) for rate in captured_rates)
+
+        def replay():
+            assert all(now is then for now, then in zip(self._rates(), captured_rates))
+            self.replays += 1
+            function()
+        return replay
+
+
+def test_graphed_steps_warm_up_then_replay_the_captured_step_like_the_eager_loop():
+    eager, graphed = _training(deferred=False), _training(deferred=True)
+    capture = ReplayingCapture(graphed.optimizers)
+    step = GraphedStep(graphed.step, graphed.step.finite_check, graphed.optimizers, graphed.precision, "cpu",
+                       warmup_steps=2, capture=capture)
+    assert graphed.precision.autocast_cache is False
+    for iteration in range(6):
+        batches = _batches(iteration)  # new tensors each time: the replay must read them via the static copies
+        for training in (eager, graphed):
+            _set_rates(training, iteration, float32=True)
+        expected = eager.step(batches, iteration)
+        losses = step(batches, iteration)
+        assert all(torch.equal(losses[k], expected[k]) for k in expected), iteration
+        if iteration == 1:
+            assert capture.captures == 0
+    assert (capture.captures, capture.replays) == (1, 4)
+    _assert_equal_states(_state(graphed), _state(eager))
+    # A checkpoint of the graphed run is an eager run's: float learning rates, nothing capturable.
+    for optimizer in graphed.optimizers:
+        groups = portable_state_dict(optimizer)["param_groups"]
+        assert all(type(group["lr"]) is float and not group.get("capturable") for group in groups)
+        assert all(torch.is_tensor(group["lr"]) for group in optimizer.param_groups)  # the live ones stay tensors
+
+
+@pytest.mark.parametrize("flags, reason", [
+    ({"device": "cpu"}, "needs a CUDA device"),
+    ({"compile": "on"}, "replaces --compile on"),
+    ({"optimizer_d": "rmsprop"}, "needs --optimizer/--optimizer-d sgd or adam"),
+    ({"self_training": "dacs"}, "cannot hold --self-training dacs or --fda-beta"),
+    ({"fda_beta": 0.01}, "cannot hold --self-training dacs or --fda-beta"),
+])
+def test_cuda_graph_refuses_what_the_captured_step_cannot_hold(flags, reason):
+    args = SimpleNamespace(**{"compile": "off", "amp": "bf16", "optimizer": "sgd", "optimizer_d": "adam",
+                              "self_training": "none", "fda_beta": 0.0, **flags})
+    device = torch.device(flags.get("device", "cuda"))
+    with pytest.raises(OptionError, match=f"--cuda-graph on {reason}"):
+        refuse_cuda_graph_conflicts(args, device)
+    refuse_cuda_graph_conflicts(SimpleNamespace(**{**vars(args), **{"compile": "off", "optimizer_d": "adam",
+                                                                      "self_training": "none", "fda_beta": 0.0}}),
+                                torch.device("cuda"))  # the same flags without the conflict pass
+
+
+def test_the_device_check_refuses_optimizers_that_ignore_found_inf():
+    network = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match="ignores found_inf"):
+        DeferredFiniteCheck([torch.optim.SGD(network.parameters(), lr=0.1)], "cpu")
