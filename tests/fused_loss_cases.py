@@ -20,6 +20,7 @@ from engine.precision import Precision  # noqa: E402
 from engine.steps import forward_heads, main_output, segmentation_loss  # noqa: E402
 from model import build_bisenet, build_discriminator  # noqa: E402
 from model.resize import LowResLogits  # noqa: E402
+from uda.adversarial import DEFAULT_LAMBDA_ADV, adversarial_step  # noqa: E402
 
 IGNORE = 255
 
@@ -169,8 +170,8 @@ def source_and_target_batch():
 # The student's adversarial weight (--lambda-adv) in the MPL step: 1 rather than the scripts' 1e-3, so
 # that its gradient (through the discriminator and the fused softmax) weighs in the student's
 # segmentation gradients as much as it can. Still too little to show a wrong softmax backward there
-# (measured: that backward scaled by 1.5 passes the MPL tests, as it passed the former adversarial-step
-# test); the softmax tests on the kernel itself catch it (scaled by 1.0001 already fails them).
+# (measured: that backward scaled by 1.5 passes the MPL tests): run_adversarial_step isolates the
+# adversarial gradient for that.
 ADVERSARIAL_WEIGHT = 1.0
 
 
@@ -226,10 +227,27 @@ def run_mpl_step(fused_loss, rule):
             "student_grads": applied[0], "teacher_grads": applied[1], "student_grads_d": applied_d[0]}
 
 
+def run_adversarial_step(fused_loss):
+    """One uda.adversarial.adversarial_step (BiSeNet with 5 classes, DSC, the scripts' --lambda-adv
+    1e-3) whose segmentation gradient is the adversarial term's alone: every source label ignored (a
+    zero source loss and gradient), no target labels or terms. So the gradients applied to the
+    network all flow through the discriminator's target map, class_probabilities, which with the
+    fused loss is the fused upsample + softmax and its backward. Its losses and the gradients applied
+    to the network."""
+    model, discriminator, optimizer, optimizer_d, applied, _ = adversarial_parts(fused_loss)
+    precision = Precision(torch.device("cpu"), "off")
+    source, source_labels, target = source_and_target_batch()
+    losses = adversarial_step(model, discriminator, optimizer, optimizer_d, precision.grad_scaler(),
+                              precision.grad_scaler(), precision, source, torch.full_like(source_labels, IGNORE),
+                              3.0 * target, lambda_adv=DEFAULT_LAMBDA_ADV)
+    return {"losses": losses, "grads": applied[0]}
+
+
 def main(path):
     assert os.environ.get("TRITON_INTERPRET") == "1" and interpreted()
     torch.set_num_threads(1)
     torch.save({"kernels": run_kernel_cases(), "softmax": run_softmax_cases(), "bisenet": run_bisenet_case(),
+                "adversarial": run_adversarial_step(True),
                 "mpl": {rule: run_mpl_step(True, rule) for rule in ("pham", "course")}}, path)
 
 

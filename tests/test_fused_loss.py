@@ -21,7 +21,8 @@ from engine.fused_loss import axis_tables
 from engine.steps import segmentation_loss
 from model import build_bisenet
 from model.resize import interpolation_matrix
-from tests.fused_loss_cases import REPEATED, SOFTMAX_REPEATED  # the cases that run twice
+# The cases that run twice, and the adversarial step whose reference runs here.
+from tests.fused_loss_cases import REPEATED, SOFTMAX_REPEATED, run_adversarial_step
 from tests.helpers import compile_for_hopper, kernels_to_compile, run_in_triton_interpreter, runtime_args
 from utils import triton_support
 from utils.errors import OptionError
@@ -152,6 +153,32 @@ def test_bisenet_heads_through_the_fused_loss_match_the_classifier_first_referen
     main = outputs[0]
     torch.testing.assert_close(case["main"], main, rtol=1e-5, atol=1e-5 * main.abs().max().item())
     assert case["main_cached"]
+
+
+# The adversarial gradient's float32 rounding, fused against classifier-first: measured 1.0e-6 of its
+# largest entry (sums in another order in the kernels, the interpolation and the network's backward);
+# allowed 1e-5 of it. A softmax backward scaled by 1.0001 is 1e-4 of it.
+ADVERSARIAL_GRADIENT_TOLERANCE = 1e-5
+
+
+@pytest.mark.slow
+def test_adversarial_gradient_through_the_fused_softmax_matches_the_classifier_first_step(interpreted, one_thread):
+    # uda.adversarial.adversarial_step at the scripts' --lambda-adv 1e-3 with every source label
+    # ignored and no target labels: the gradient applied to the network is the adversarial term's
+    # alone, through the discriminator and the fused upsample + softmax backward (the MPL test's
+    # gradients, where cross-entropies weigh far more, stay within tolerance with that backward scaled
+    # by 1.5). Against the classifier-first step (F.interpolate + F.softmax): the same losses, and every
+    # applied gradient within float32 rounding of the largest.
+    reference, fused = run_adversarial_step(False), interpreted["adversarial"]
+    assert fused["losses"].keys() == reference["losses"].keys() == {"loss_seg", "loss_adv", "loss_d"}
+    assert fused["losses"]["loss_seg"] == reference["losses"]["loss_seg"] == 0.0
+    for name, value in reference["losses"].items():
+        torch.testing.assert_close(fused["losses"][name], value, rtol=1e-5, atol=0.0, msg=name)
+    expected, got = reference["grads"], fused["grads"]
+    scale = max(grad.abs().max().item() for grad in expected.values())
+    assert got.keys() == expected.keys() and scale > 0.0
+    for name, grad in expected.items():
+        torch.testing.assert_close(got[name], grad, rtol=0.0, atol=ADVERSARIAL_GRADIENT_TOLERANCE * scale, msg=name)
 
 
 # Cross-entropies of one MPL iteration: pham: the student's labeled loss before its pseudo-label step,
