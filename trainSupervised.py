@@ -16,9 +16,11 @@ from dataset.normalization import get_normalization
 from cli.builders import (make_eval_loader, maybe_compile, resolve_data, segmentation_parts, source_train_dataset,
                             target_eval_dataset, target_train_dataset, train_stream)
 from utils.distributed import cleanup_distributed, wrap_ddp
+from engine.cuda_graph import DeferredFiniteCheck, GraphedStep
 from engine.steps import supervised_step
 from model import model_config as bisenet_config
-from cli.options import add_data_args, add_model_args, add_runtime_args, add_training_args, make_parser
+from cli.options import (add_cuda_graph_arg, add_data_args, add_model_args, add_runtime_args, add_training_args,
+                         make_parser)
 from cli.run import finish_run, make_image_logger, make_validator, resolve_schedule, start_run
 from engine.trainer import Trainer
 from cli.entry import run_main
@@ -33,7 +35,7 @@ def get_args(argv=None):
     add_data_args(parser)
     add_model_args(parser)
     add_training_args(parser)
-    add_runtime_args(parser)
+    add_cuda_graph_arg(add_runtime_args(parser))
     return parser.parse_args(argv)
 
 
@@ -53,9 +55,13 @@ def main(args):
     streams = {"train": train_stream(args, train, device)}
     max_iters = resolve_schedule(args, streams["train"].batches_per_epoch)
 
+    finite_check = DeferredFiniteCheck([optimizer], device) if args.cuda_graph == "on" else None
+
     def step(batches, iteration):
         return supervised_step(train_model, optimizer, scaler, context.precision,
-                               batches["train"]["image"], batches["train"]["label"])
+                               batches["train"]["image"], batches["train"]["label"], check=finite_check)
+    if finite_check is not None:  # --cuda-graph on: the step captured once and replayed
+        step = GraphedStep(step, finite_check, [optimizer], context.precision, device)
 
     trainer = Trainer(
         args=args, output_dir=context.output_dir, device=device, networks={"model": model},
@@ -64,7 +70,7 @@ def main(args):
         validate_fn=make_validator({"model": model}, make_eval_loader(args, val, device), context, args.progress),
         image_fn=make_image_logger(model, val, context, get_normalization(args.input_convention, "cityscapes")),
         val_every=args.val_every, log_every=args.log_every, checkpoint_every=args.checkpoint_every,
-        logger=context.logger, fp16_skipping=context.precision.mode == "fp16")
+        logger=context.logger, fp16_skipping=context.precision.mode == "fp16", finite_check=finite_check)
     if args.resume:
         trainer.resume(args.resume)
     trainer.run()

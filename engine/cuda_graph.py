@@ -25,7 +25,7 @@ nothing back:
 What the graph can hold: one process (no DistributedDataParallel), no ``torch.compile``, bf16 or
 fp32 (fp16's GradScaler decides on the host), the fused SGD/Adam optimizers (they read ``found_inf``)
 and a step without per-iteration random draws (FDA and DACS re-seed a generator each step).
-``cli.method_options.resolve_cuda_graph`` refuses the rest before any work.
+``cli.builders.refuse_cuda_graph_conflicts`` refuses the rest before any work.
 """
 import contextlib
 import warnings
@@ -103,7 +103,9 @@ class CudaGraphCapture:
 
     def __call__(self, function):
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        # thread_local: the DataLoader's pin-memory thread keeps calling CUDA while the step is
+        # captured, which the default (global) mode would refuse.
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             function()
         return graph.replay
 

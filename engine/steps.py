@@ -143,12 +143,13 @@ def buffers_restored_on_refusal(modules):
         raise
 
 
-def supervised_step(model, optimizer, scaler, precision, images, labels):
-    """One step of labeled training (upper bound, source-only without target branch)."""
+def supervised_step(model, optimizer, scaler, precision, images, labels, check=None):
+    """One step of labeled training (upper bound, source-only without target branch). ``check``: as
+    in ``uda.adversarial.adversarial_step`` (``check_finite`` unless given)."""
     optimizer.zero_grad(set_to_none=True)
     with precision.autocast():
         loss = segmentation_loss(forward_heads(model, images), labels)
-    check_finite({"seg": loss})
+    (check_finite if check is None else check)({"loss_seg": loss})
     scaler.scale(loss).backward()
     scaler.step(optimizer)
     scaler.update()

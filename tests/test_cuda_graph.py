@@ -6,11 +6,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from cli.builders import refuse_cuda_graph_conflicts
+from cli.builders import refuse_cuda_graph_conflicts, resolve_fast_paths
 from engine.cuda_graph import DeferredFiniteCheck, GraphedStep
 from engine.optim import portable_state_dict, set_lr
-from engine.steps import NonFiniteLossError
+from engine.steps import NonFiniteLossError, supervised_step
 from model import build_bisenet, build_discriminator
+from model.resize import set_matmul_resize
 from engine.optim import build_optimizer
 from engine.precision import Precision
 from uda.step import SelfTrainingStep
@@ -35,7 +36,9 @@ def _training(deferred):
     """A seeded BiSeNet + DSC adversarial step with the scripts' fused SGD/Adam, as build_step makes it."""
     torch.manual_seed(0)
     model = build_bisenet("resnet18", 19)
-    discriminator = build_discriminator("dsc", 19)
+    # The levers CUDA runs with by default (classifier first, matmul resize): their code is in the graph too.
+    model.set_speed_levers(skip_unread_aux=True, classifier_first=True, matmul_resize=True)
+    discriminator = set_matmul_resize(build_discriminator("dsc", 19), True)
     optimizer = build_optimizer("sgd", model.parameters(), 1e-2)
     optimizer_d = build_optimizer("adam", discriminator.parameters(), 1e-3, weight_decay=0.0)
     precision = Precision("cpu", "off")
@@ -178,3 +181,35 @@ def test_the_device_check_refuses_optimizers_that_ignore_found_inf():
     network = torch.nn.Linear(2, 2)
     with pytest.raises(ValueError, match="ignores found_inf"):
         DeferredFiniteCheck([torch.optim.SGD(network.parameters(), lr=0.1)], "cpu")
+
+
+def test_the_supervised_step_checked_on_the_device_is_the_host_checked_one_without_host_reads():
+    """trainSupervised.py --cuda-graph on: the same step with DeferredFiniteCheck, bit for bit."""
+    runs = []
+    for deferred in (False, True):
+        torch.manual_seed(0)
+        model = build_bisenet("resnet18", 19)
+        optimizer = build_optimizer("sgd", model.parameters(), 1e-2)
+        precision = Precision("cpu", "off")
+        check = DeferredFiniteCheck([optimizer], "cpu") if deferred else None
+        for seed in range(2):
+            batch = _batches(seed)["source"]
+            with host_reads() as reads:
+                losses = supervised_step(model, optimizer, precision.grad_scaler(), precision, batch["image"],
+                                         batch["label"], check=check)
+            assert reads == ([] if deferred else ["tolist"])
+        runs.append((losses, model.state_dict()))
+    (host_losses, host_state), (device_losses, device_state) = runs
+    assert torch.equal(host_losses["loss_seg"], device_losses["loss_seg"])
+    assert all(torch.equal(host_state[name], device_state[name]) for name in host_state)
+
+
+def test_both_training_scripts_take_the_flag_and_refuse_it_without_cuda(tmp_path):
+    import trainSupervised
+    import trainUnsupervised
+
+    for script in (trainSupervised, trainUnsupervised):
+        args = script.get_args(["--output-dir", str(tmp_path), "--device", "cpu", "--cuda-graph", "on"])
+        with pytest.raises(OptionError, match="--cuda-graph on needs a CUDA device"):
+            resolve_fast_paths(args, torch.device("cpu"))
+        assert script.get_args(["--output-dir", str(tmp_path)]).cuda_graph == "off"
