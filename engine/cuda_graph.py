@@ -99,14 +99,22 @@ def learning_rates_on_device(optimizers, device):
 
 class CudaGraphCapture:
     """``capture(function) -> replay``: the CUDA graph of one call of ``function`` (not run by the
-    capture), and a callable that launches it."""
+    capture), and a callable that launches it. ``stream``: the stream the warm-up ran on (per-stream
+    library state such as cuBLAS workspaces is then made before the capture, not during it)."""
+
+    def __init__(self, stream=None):
+        self.stream = stream
 
     def __call__(self, function):
         graph = torch.cuda.CUDAGraph()
-        # thread_local: the DataLoader's pin-memory thread keeps calling CUDA while the step is
-        # captured, which the default (global) mode would refuse.
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-            function()
+        with warnings.catch_warnings():
+            # A capture on another device or stream than the step's kernels records nothing, and
+            # torch only warns: every replay would then train nothing.
+            warnings.filterwarnings("error", message="The CUDA Graph is empty")
+            # thread_local: the DataLoader's pin-memory thread keeps calling CUDA while the step is
+            # captured, which the default (global) mode would refuse.
+            with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
+                function()
         return graph.replay
 
 
@@ -127,7 +135,12 @@ class GraphedStep:
     ``capture`` makes the graph (``CudaGraphCapture``; the tests pass a stand-in that calls the
     function again at each replay, which checks everything around the graph on the CPU).
     A batch of other shapes than the captured one (none in the scripts: their crops are fixed) runs
-    eagerly, with a warning."""
+    eagerly, with a warning.
+
+    The graph reads every tensor at the address it had in the capture: the parameters, gradients and
+    optimizer states, the learning-rate tensors (so nothing may replace them later, e.g. a
+    ``load_state_dict``: the Trainer resumes before the first step), and the cached resize matrices
+    and axis tables (their caches hold far more sizes than a run uses, so none is evicted)."""
 
     def __init__(self, step, finite_check, optimizers, precision, device, warmup_steps=WARMUP_STEPS,
                  capture=None):
@@ -137,12 +150,12 @@ class GraphedStep:
         self.precision = precision
         self.device = torch.device(device)
         self.warmup_steps = warmup_steps
-        self.capture = capture or CudaGraphCapture()
         self.eager_steps = 0
         self.replay = None
         self.static_batches = self.static_losses = self._static_shapes = None
         precision.autocast_cache = False  # a cached weight cast would be captured once, then stale
         self._side_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.capture = capture or CudaGraphCapture(self._side_stream)
 
     def _on_side_stream(self):
         """torch's rule for what runs before a capture: on a side stream that waits for the default one."""
@@ -196,4 +209,5 @@ class GraphedStep:
                     if torch.is_tensor(value):
                         self.static_batches[domain][key].copy_(value, non_blocking=True)
         self.replay()
-        return dict(self.static_losses)
+        # Copies: the graph's outputs are overwritten by the next replay.
+        return {name: value.clone() for name, value in self.static_losses.items()}

@@ -205,7 +205,7 @@ def test_the_cuda_graph_entry_compares_replayed_steps_with_eager_ones(faithful, 
             if faithful or len(launches) == 1:
                 function()
         return replay
-    monkeypatch.setattr("engine.cuda_graph.CudaGraphCapture", lambda: capture)
+    monkeypatch.setattr("engine.cuda_graph.CudaGraphCapture", lambda stream: capture)
     generator = torch.Generator().manual_seed(0)
     batch = (torch.randn(2, 3, 64, 64, generator=generator), torch.randint(0, 19, (2, 64, 64), generator=generator),
              torch.randn(2, 3, 64, 64, generator=generator))

@@ -213,3 +213,23 @@ def test_both_training_scripts_take_the_flag_and_refuse_it_without_cuda(tmp_path
         with pytest.raises(OptionError, match="--cuda-graph on needs a CUDA device"):
             resolve_fast_paths(args, torch.device("cpu"))
         assert script.get_args(["--output-dir", str(tmp_path)]).cuda_graph == "off"
+
+
+def test_a_capture_that_records_nothing_is_an_error_not_a_warning(monkeypatch):
+    """torch only warns when a capture recorded no kernel (the step ran on another device or stream):
+    every replay would then train nothing. CudaGraphCapture turns that warning into an error.
+    torch.cuda.graph is replaced by a context that warns as torch's capture_end does."""
+    import contextlib
+    import warnings
+
+    from engine.cuda_graph import CudaGraphCapture
+
+    @contextlib.contextmanager
+    def empty_capture(graph, **options):
+        yield
+        warnings.warn("The CUDA Graph is empty. This usually means that the graph was attempted to be captured "
+                      "on wrong device or stream.")
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: SimpleNamespace(replay=None))
+    monkeypatch.setattr(torch.cuda, "graph", empty_capture)
+    with pytest.raises(UserWarning, match="The CUDA Graph is empty"):
+        CudaGraphCapture()(lambda: None)

@@ -237,3 +237,19 @@ def test_sync_bn_options(monkeypatch):
 
     args = trainUnsupervised.get_args(["--output-dir", "x", "--sync-bn"])
     assert args.sync_bn and not args.freeze_bn
+
+
+def test_an_explicit_cuda_device_becomes_the_current_one_in_a_single_process(monkeypatch):
+    """--device cuda:N without torchrun: Triton kernels and a CUDA graph's capture use the current
+    device, so N must be made current (the device is faked: no GPU here)."""
+    from utils import distributed
+
+    made_current = []
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(distributed, "resolve_device", lambda arg: torch.device(arg))
+    monkeypatch.setattr(torch.cuda, "set_device", made_current.append)
+    assert distributed.init_distributed("cuda:1") == torch.device("cuda", 1)
+    assert made_current == [torch.device("cuda", 1)]
+    distributed.init_distributed("cuda")  # the current device, whichever it is: left alone
+    distributed.init_distributed("cpu")
+    assert made_current == [torch.device("cuda", 1)]

@@ -48,6 +48,10 @@ def init_distributed(device_arg="auto"):
             torch.cuda.set_device(device)
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
         setup_for_distributed(get_rank() == 0)
+    elif device.type == "cuda" and device.index is not None:
+        # --device cuda:N in one process: N becomes the current device, where Triton kernels
+        # (--fused-loss, --depthwise triton) launch and a CUDA graph (--cuda-graph) is captured.
+        torch.cuda.set_device(device)
     return device
 
 
