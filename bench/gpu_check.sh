@@ -2,7 +2,8 @@
 # Everything this project checks on a lent GPU, in one call (the device tool's $OUT receives the
 # results; elsewhere pass a folder as $1):
 #   1. bench/speed.py --profile gpu: every figure of the speed issue, naive baseline side by side,
-#      each training lever of docs/speed.md in turn, MPL cost included, then the compiled entries by priority
+#      the open goals first (each training lever of docs/speed.md in turn, the CUDA-graph step, MPL's
+#      cost, the trace), the inference figures (met) last, then the compiled entries by priority
 #      (the training step as --compile on compiles it: compile time cold, then warm from the cache it
 #      left) until SPEED_BUDGET_S seconds (then its JSON/Markdown are final);
 #   2. trainSupervised.py and trainUnsupervised.py with --cuda-graph on, 20 iterations each at the

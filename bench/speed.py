@@ -105,6 +105,14 @@ def get_args(argv=None):
     return get_args_parser().parse_args(argv)
 
 
+def run_order(jobs, profile):
+    """Indices of ``jobs`` in the order they run: the eager ones (phase 0) section by section in the
+    profile's ``run_order``, then the compilations by priority; ties in the order they were made."""
+    rank = {section: index for index, section in enumerate(profile.run_order)}
+    return sorted(range(len(jobs)), key=lambda i: (jobs[i].phase, jobs[i].priority if jobs[i].phase
+                                                   else rank.get(jobs[i].section, len(rank)), i))
+
+
 def main(args):
     device = resolve_device(args.device)
     if args.threads:
@@ -128,7 +136,7 @@ def main(args):
             recorder.note(section, f"not run: {type(error).__name__}: {error}")
     if args.match:  # a targeted rerun: only the entries named
         jobs = [job for job in jobs if any(text in f"{job.section}/{job.key}" for text in args.match)]
-    order = sorted(range(len(jobs)), key=lambda i: (jobs[i].phase, jobs[i].priority if jobs[i].phase else 0, i))
+    order = run_order(jobs, profile)
     try:
         with imports_frozen():
             for index in order:

@@ -237,3 +237,21 @@ def test_depthwise_entries_record_their_deviation_from_the_native_discriminator(
     assert discriminator.conv1.depthwise.implementation == "dense" and discriminator.conv1.depthwise.weight.grad is None
     monkeypatch.setattr("model.depthwise.block_diagonal", lambda weight: 2 * block_diagonal(weight))
     assert depthwise_deviation(bench, discriminator, "dense", precision)["output"] > 0.5
+
+
+def test_the_gpu_profile_runs_the_open_goals_first_and_compilations_last(speed):
+    """One device call may end before every entry has run: on the gpu profile the eager training and
+    MPL entries (goals still open) run before the inference ones (met), each section in its own order,
+    and the compilations follow all of them by priority; the cpu profile keeps the files' order."""
+    from types import SimpleNamespace
+
+    from bench.speedbench.config import PROFILES, SECTIONS
+
+    jobs = [SimpleNamespace(section=section, phase=0, priority=0, name=f"{section}{n}")
+            for section in SECTIONS for n in range(2)]
+    jobs += [SimpleNamespace(section="inference", phase=1, priority=2, name="compile_late"),
+             SimpleNamespace(section="training", phase=1, priority=1, name="compile_first")]
+    names = [jobs[i].name for i in speed.run_order(jobs, PROFILES["gpu"])]
+    assert names[:4] == ["training0", "training1", "mpl0", "mpl1"]
+    assert names.index("inference1") == len(names) - 3 and names[-2:] == ["compile_first", "compile_late"]
+    assert [jobs[i].name for i in speed.run_order(jobs, PROFILES["cpu"])][:-2] == [job.name for job in jobs[:-2]]
