@@ -8,11 +8,10 @@ import torch
 
 from cli.builders import refuse_cuda_graph_conflicts, resolve_fast_paths
 from engine.cuda_graph import DeferredFiniteCheck, GraphedStep
-from engine.optim import portable_state_dict, set_lr
+from engine.optim import build_optimizer, portable_state_dict, set_lr
 from engine.steps import NonFiniteLossError, supervised_step
 from model import build_bisenet, build_discriminator
 from model.resize import set_matmul_resize
-from engine.optim import build_optimizer
 from engine.precision import Precision
 from uda.step import SelfTrainingStep
 from utils.errors import OptionError
@@ -233,3 +232,40 @@ def test_a_capture_that_records_nothing_is_an_error_not_a_warning(monkeypatch):
     monkeypatch.setattr(torch.cuda, "graph", empty_capture)
     with pytest.raises(UserWarning, match="The CUDA Graph is empty"):
         CudaGraphCapture()(lambda: None)
+
+
+def test_train_unsupervised_with_the_flag_trains_as_without_it_and_its_checkpoint_resumes_eagerly(
+        tiny_data_root, tmp_path, monkeypatch, one_thread):
+    """The script's wiring on the CPU (build_step's GraphedStep, the Trainer's finite_check, the rate
+    tensors set by the loop, validation and checkpoints between replays), with the CUDA-only refusal
+    lifted and a stand-in graph that runs the captured step again at each replay: the same losses as
+    the eager run up to the float32 learning rates, and a last.pth that an eager run resumes."""
+    import trainUnsupervised
+    from tests.helpers import losses, tiny_run
+    from utils.checkpoint import load_checkpoint_file
+
+    def replaying_capture(stream):
+        return lambda function: function
+    monkeypatch.setattr("engine.cuda_graph.CudaGraphCapture", replaying_capture)
+    monkeypatch.setattr("cli.builders.refuse_cuda_graph_conflicts", lambda args, device: None)
+    schedule = ["--data-root", tiny_data_root, "--max-iters", "6", "--val-every", "3", "--device", "cpu"]
+    runs = {}
+    for mode in ("off", "on"):
+        runs[mode] = tmp_path / mode
+        trainer = trainUnsupervised.main(trainUnsupervised.get_args(
+            ["--output-dir", str(runs[mode]), "--cuda-graph", mode, *tiny_run(*schedule)]))
+        graphed = isinstance(trainer.step_fn, GraphedStep)
+        assert graphed == (mode == "on") and (trainer.finite_check is trainer.step_fn.finite_check if graphed
+                                              else trainer.finite_check is None)
+    eager, graphed = losses(runs["off"]), losses(runs["on"])
+    assert [record["iteration"] for record in graphed] == [1, 2, 3, 4, 5, 6]
+    for expected, got in zip(eager, graphed):
+        assert got.keys() == expected.keys()
+        assert all(got[key] == pytest.approx(expected[key], rel=1e-5, abs=1e-7) for key in expected)
+    saved = load_checkpoint_file(runs["on"] / "last.pth")
+    groups = [group for state in saved["optimizers"].values() for group in state["param_groups"]]
+    assert all(type(group["lr"]) is float and not group.get("capturable") for group in groups)
+    trainUnsupervised.main(trainUnsupervised.get_args(
+        ["--output-dir", str(runs["on"]), "--resume", str(runs["on"] / "last.pth"), "--cuda-graph", "off",
+         *tiny_run(*schedule[:2], "--max-iters", "8", "--val-every", "4", "--device", "cpu")]))
+    assert losses(runs["on"])[-1]["iteration"] == 8
