@@ -158,22 +158,27 @@ def test_graphed_steps_warm_up_then_replay_the_captured_step_like_the_eager_loop
         assert all(torch.is_tensor(group["lr"]) for group in optimizer.param_groups)  # the live ones stay tensors
 
 
-@pytest.mark.parametrize("flags, reason", [
+HOLDABLE = {"compile": "off", "amp": "bf16", "optimizer": "sgd", "optimizer_d": "adam", "self_training": "none",
+            "fda_beta": 0.0}
+
+
+@pytest.mark.parametrize("change, reason", [
     ({"device": "cpu"}, "needs a CUDA device"),
+    ({"processes": 2}, "runs in one process"),
     ({"compile": "on"}, "replaces --compile on"),
+    ({"amp": "fp16"}, "needs bf16 or fp32"),
+    ({"optimizer": "rmsprop"}, "needs --optimizer/--optimizer-d sgd or adam"),
     ({"optimizer_d": "rmsprop"}, "needs --optimizer/--optimizer-d sgd or adam"),
     ({"self_training": "dacs"}, "cannot hold --self-training dacs or --fda-beta"),
     ({"fda_beta": 0.01}, "cannot hold --self-training dacs or --fda-beta"),
 ])
-def test_cuda_graph_refuses_what_the_captured_step_cannot_hold(flags, reason):
-    args = SimpleNamespace(**{"compile": "off", "amp": "bf16", "optimizer": "sgd", "optimizer_d": "adam",
-                              "self_training": "none", "fda_beta": 0.0, **flags})
-    device = torch.device(flags.get("device", "cuda"))
-    with pytest.raises(OptionError, match=f"--cuda-graph on {reason}"):
-        refuse_cuda_graph_conflicts(args, device)
-    refuse_cuda_graph_conflicts(SimpleNamespace(**{**vars(args), **{"compile": "off", "optimizer_d": "adam",
-                                                                      "self_training": "none", "fda_beta": 0.0}}),
-                                torch.device("cuda"))  # the same flags without the conflict pass
+def test_cuda_graph_refuses_what_the_captured_step_cannot_hold(change, reason, monkeypatch):
+    refuse_cuda_graph_conflicts(SimpleNamespace(**HOLDABLE), torch.device("cuda"))  # no conflict: passes
+    change = dict(change)
+    device, processes = torch.device(change.pop("device", "cuda")), change.pop("processes", 1)
+    monkeypatch.setattr("cli.builders.get_world_size", lambda: processes)
+    with pytest.raises(OptionError, match=f"^--cuda-graph on {reason}"):
+        refuse_cuda_graph_conflicts(SimpleNamespace(**{**HOLDABLE, **change}), device)
 
 
 def test_the_device_check_refuses_optimizers_that_ignore_found_inf():
