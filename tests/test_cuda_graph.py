@@ -1,6 +1,7 @@
 """engine/cuda_graph.py on the CPU: the finiteness check on the device against check_finite, and
 GraphedStep's warm-up, static inputs and learning rates around a stand-in for the CUDA graph that
 calls the captured function again at each replay (a real capture needs a GPU: bench/gpu_check.sh)."""
+import contextlib
 from types import SimpleNamespace
 
 import pytest
@@ -21,11 +22,11 @@ SIZE = (64, 64)
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _batches(seed, poisoned=False):
+def _batches(seed, poisoned=False, size=SIZE):
     generator = torch.Generator().manual_seed(seed)
-    source = torch.randn(2, 3, *SIZE, generator=generator)
-    labels = torch.randint(0, 19, (2, *SIZE), generator=generator)
-    target = torch.randn(2, 3, *SIZE, generator=generator)
+    source = torch.randn(2, 3, *size, generator=generator)
+    labels = torch.randint(0, 19, (2, *size), generator=generator)
+    target = torch.randn(2, 3, *size, generator=generator)
     if poisoned:
         target[0, 0, 0, 0] = float("nan")
     return {"source": {"image": source, "label": labels}, "target": {"image": target}}
@@ -140,12 +141,16 @@ def test_graphed_steps_warm_up_then_replay_the_captured_step_like_the_eager_loop
     step = GraphedStep(graphed.step, graphed.step.finite_check, graphed.optimizers, graphed.precision, "cpu",
                        warmup_steps=2, capture=capture)
     assert graphed.precision.autocast_cache is False
-    for iteration in range(6):
-        batches = _batches(iteration)  # new tensors each time: the replay must read them via the static copies
+    other_shapes = 4  # a batch the captured step cannot take: run eagerly, with a warning
+    for iteration in range(7):
+        # New tensors each time: the replay must read them through the static copies.
+        batches = _batches(iteration, size=(64, 96) if iteration == other_shapes else SIZE)
         for training in (eager, graphed):
             _set_rates(training, iteration, float32=True)
         expected = eager.step(batches, iteration)
-        losses = step(batches, iteration)
+        with (pytest.warns(UserWarning, match="other shapes") if iteration == other_shapes
+              else contextlib.nullcontext()):
+            losses = step(batches, iteration)
         assert all(torch.equal(losses[k], expected[k]) for k in expected), iteration
         if iteration == 1:
             assert capture.captures == 0
@@ -239,6 +244,7 @@ def test_a_capture_that_records_nothing_is_an_error_not_a_warning(monkeypatch):
         CudaGraphCapture()(lambda: None)
 
 
+@pytest.mark.slow
 def test_train_unsupervised_with_the_flag_trains_as_without_it_and_its_checkpoint_resumes_eagerly(
         tiny_data_root, tmp_path, monkeypatch, one_thread):
     """The script's wiring on the CPU (build_step's GraphedStep, the Trainer's finite_check, the rate
