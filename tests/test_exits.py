@@ -297,3 +297,27 @@ def test_the_scripts_import_no_torchvision_even_when_they_build_a_network():
     loaded = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT,
                             check=True).stdout.strip()
     assert loaded == "[]"
+
+
+STOP_WORKERS_UNDER_THE_LOADERS_HANDLER = """
+import multiprocessing, signal, time
+from utils.seed import stop_workers_at_exit
+
+def loader_handler(signum, frame):  # what torch's DataLoader installs: raise when a worker dies by a signal
+    raise RuntimeError("DataLoader worker (pid 1) is killed by signal: Killed.")
+
+signal.signal(signal.SIGCHLD, loader_handler)
+worker = multiprocessing.Process(target=time.sleep, args=(60,), daemon=True)
+worker.start()
+stop_workers_at_exit()
+print("stopped", worker.exitcode)
+"""
+
+
+def test_stopping_the_workers_at_exit_does_not_trip_the_loaders_sigchld_handler(tmp_path):
+    """The exit handler kills the workers left after a data error; the DataLoader's SIGCHLD handler
+    would raise at their death, and the run would print a traceback after its one error line."""
+    process = subprocess.run([sys.executable, "-c", STOP_WORKERS_UNDER_THE_LOADERS_HANDLER], cwd=REPO,
+                             capture_output=True, text=True, timeout=60)
+    assert process.returncode == 0 and "Traceback" not in process.stderr, process.stderr
+    assert process.stdout.split() == ["stopped", str(-signal.SIGKILL)]

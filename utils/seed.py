@@ -37,7 +37,13 @@ def stop_workers_at_exit():
     and waits for them forever. Here, first collect such cycles so the iterators stop their workers
     politely, then kill the daemonic children left (DataLoader workers are daemonic; the main
     process has finished all its work by now, so nothing is lost).
+
+    The DataLoader's SIGCHLD handler raises when a worker dies by a signal; it is put back to the
+    default first, or killing the workers here would raise in this handler (a traceback after the
+    run's error line).
     """
+    if hasattr(signal, "SIGCHLD"):
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     for process in multiprocessing.active_children():
         if process.daemon:
             process.kill()
