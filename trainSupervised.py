@@ -61,7 +61,7 @@ def main(args):
         return supervised_step(train_model, optimizer, scaler, context.precision,
                                batches["train"]["image"], batches["train"]["label"], check=finite_check)
     if finite_check is not None:  # --cuda-graph on: the step captured once and replayed
-        step = GraphedStep(step, finite_check, [optimizer], context.precision, device)
+        step = GraphedStep(step, finite_check, context.precision)
 
     trainer = Trainer(
         args=args, output_dir=context.output_dir, device=device, networks={"model": model},

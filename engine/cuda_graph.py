@@ -130,7 +130,8 @@ def _shapes(batches):
 
 class GraphedStep:
     """The Trainer's ``step_fn``: ``step`` (with ``finite_check``, a DeferredFiniteCheck, as its
-    finiteness check) run eagerly for ``warmup_steps`` steps, then captured once and replayed.
+    finiteness check) run eagerly for ``warmup_steps`` steps, then captured once and replayed. The
+    optimizers it prepares for the capture are the check's, on the check's device.
 
     ``capture`` makes the graph (``CudaGraphCapture``; the tests pass a stand-in that calls the
     function again at each replay, which checks everything around the graph on the CPU).
@@ -142,13 +143,11 @@ class GraphedStep:
     ``load_state_dict``: the Trainer resumes before the first step), and the cached resize matrices
     and axis tables (their caches hold far more sizes than a run uses, so none is evicted)."""
 
-    def __init__(self, step, finite_check, optimizers, precision, device, warmup_steps=WARMUP_STEPS,
-                 capture=None):
+    def __init__(self, step, finite_check, precision, warmup_steps=WARMUP_STEPS, capture=None):
         self.step = step
         self.finite_check = finite_check
-        self.optimizers = list(optimizers)
-        self.precision = precision
-        self.device = torch.device(device)
+        self.optimizers = finite_check.optimizers
+        self.device = finite_check.refused.device
         self.warmup_steps = warmup_steps
         self.eager_steps = 0
         self.replay = None

@@ -138,8 +138,7 @@ class ReplayingCapture:
 def test_graphed_steps_warm_up_then_replay_the_captured_step_like_the_eager_loop():
     eager, graphed = _training(deferred=False), _training(deferred=True)
     capture = ReplayingCapture(graphed.optimizers)
-    step = GraphedStep(graphed.step, graphed.step.finite_check, graphed.optimizers, graphed.precision, "cpu",
-                       warmup_steps=1, capture=capture)
+    step = GraphedStep(graphed.step, graphed.step.finite_check, graphed.precision, warmup_steps=1, capture=capture)
     assert graphed.precision.autocast_cache is False
     other_shapes = 3  # a batch the captured step cannot take: run eagerly, with a warning
     for iteration in range(5):

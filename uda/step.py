@@ -81,6 +81,5 @@ def build_step(args, *, train_model, discriminator, optimizer, optimizer_d, scal
                             uses_target=uses_target, dacs=dacs, fda=fda, entropy_weight=args.entropy_weight)
     if getattr(args, "cuda_graph", "off") != "on":
         return step
-    optimizers = [o for o in (optimizer, optimizer_d) if o is not None]
-    step.finite_check = DeferredFiniteCheck(optimizers, precision.device)
-    return GraphedStep(step, step.finite_check, optimizers, precision, precision.device)
+    step.finite_check = DeferredFiniteCheck([o for o in (optimizer, optimizer_d) if o is not None], precision.device)
+    return GraphedStep(step, step.finite_check, precision)

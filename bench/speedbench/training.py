@@ -31,8 +31,6 @@ from .config import (CPU_TRAIN_LEVERS, CUDA_TRAIN_LEVERS, GIB, R18, TRAIN_COMPIL
 CACHE_COUNTERS = {"inductor": ("fxgraph_cache_miss", "fxgraph_cache_hit"),
                   "aot_autograd": ("autograd_cache_miss", "autograd_cache_hit")}
 
-
-
 GRAPH_COMPARE_STEPS = 8  # graph_deviation: the warm-up, the capture and a few replays
 
 
@@ -124,7 +122,7 @@ def captured_step(bench, network, discriminator, optimizer, optimizer_d, scaler,
                                 batches["source"]["image"], batches["source"]["label"], batches["target"]["image"],
                                 lambda_adv=DEFAULT_LAMBDA_ADV, check=check)
 
-    graphed = GraphedStep(adversarial, check, [optimizer, optimizer_d], precision, bench.device)
+    graphed = GraphedStep(adversarial, check, precision)
     batches = {"source": {"image": source, "label": labels}, "target": {"image": target}}
     return (lambda: graphed(batches, 0)), check
 
