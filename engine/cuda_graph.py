@@ -32,7 +32,7 @@ import warnings
 
 import torch
 
-from engine.steps import NonFiniteLossError
+from engine.steps import NonFiniteLossError, nonfinite_terms, refused_terms
 
 WARMUP_STEPS = 3  # eager steps before the capture (torch's whole-network capture example uses 3)
 NOT_REFUSED = -1  # first_refused_iteration while every step so far was finite
@@ -61,8 +61,7 @@ class DeferredFiniteCheck:
         self.iteration.fill_(iteration)
 
     def __call__(self, losses):
-        values = torch.stack([value.detach().float() for value in losses.values()])
-        bad = ~torch.isfinite(values)
+        bad = nonfinite_terms(losses)
         step_bad = bad.any().to(torch.float32)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             # One rank's non-finite loss refuses the step everywhere (asynchronous, like DDP's own reduce).
@@ -70,7 +69,7 @@ class DeferredFiniteCheck:
         names = tuple(losses)
         if names != self.names:  # the first step (eager): the terms are the same at every later one
             self.names = names
-            self.first_bad_terms = torch.zeros(len(names), dtype=torch.bool, device=values.device)
+            self.first_bad_terms = torch.zeros(len(names), dtype=torch.bool, device=bad.device)
         first = (step_bad > 0) & (self.refused == 0)
         self.first_refused_iteration.copy_(torch.where(first, self.iteration, self.first_refused_iteration))
         self.first_bad_terms.copy_(torch.where(first, bad, self.first_bad_terms))
@@ -81,9 +80,7 @@ class DeferredFiniteCheck:
         iteration = int(self.first_refused_iteration)
         if iteration == NOT_REFUSED:
             return
-        flags = self.first_bad_terms.tolist()
-        error = NonFiniteLossError([name for name, flag in zip(self.names, flags) if flag]
-                                   or ["another process's losses"])
+        error = NonFiniteLossError(refused_terms(self.names, self.first_bad_terms.tolist()))
         error.iteration = iteration
         raise error
 

@@ -100,6 +100,17 @@ def set_requires_grad(module, flag):
         parameter.requires_grad_(flag)
 
 
+def nonfinite_terms(losses):
+    """Which of the scalar ``losses`` (a dict) are NaN or infinite: a bool tensor on their device."""
+    return ~torch.isfinite(torch.stack([value.detach().float() for value in losses.values()]))
+
+
+def refused_terms(names, flags):
+    """The names whose flag is set; another process's losses when a step was refused for another
+    rank's value alone (the flags are this rank's)."""
+    return [name for name, flag in zip(names, flags) if flag] or ["another process's losses"]
+
+
 def check_finite(losses, any_positive=None):
     """One host sync per step: raise NonFiniteLossError naming the bad terms, before any update.
 
@@ -111,8 +122,8 @@ def check_finite(losses, any_positive=None):
     rank has a confident pseudo label); decided in the same sync and collective, returned as a bool
     that is the same on every rank (None without it).
     """
-    values = torch.stack([value.detach().float() for value in losses.values()])
-    flags = [~torch.isfinite(values).all()]
+    bad = nonfinite_terms(losses)
+    flags = [bad.any()]
     if any_positive is not None:
         flags.append((any_positive.detach() > 0).any())
     flags = torch.stack(flags).to(torch.int32)
@@ -120,8 +131,7 @@ def check_finite(losses, any_positive=None):
         torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
     not_finite, *positive = flags.tolist()
     if not_finite:
-        bad = [name for name, value in losses.items() if not torch.isfinite(value).all()]
-        raise NonFiniteLossError(bad or ["another process's losses"])
+        raise NonFiniteLossError(refused_terms(losses, bad.tolist()))
     return bool(positive[0]) if positive else None
 
 
